@@ -1,0 +1,85 @@
+// vllm_ar (graph part): after CUDA-graph capture, exchange where each captured input lives.
+//   vllm_get_graph_buffer_ipc_meta(fa) -> [handle bytes (64 per input, signed), offsets]
+//   vllm_register_graph_buffers(fa, handles[rank], offsets[rank]) fills the reserved records.
+#include <cuda.h>
+
+#include <cstring>
+
+#include "vllm_handle.h"
+
+namespace fusedcomm {
+
+ffi::Array<ffi::Array<int64_t>> vllm_get_graph_buffer_ipc_meta(int64_t fa) {
+  constexpr const char* op = "vllm_get_graph_buffer_ipc_meta";
+  VllmHandle* h = handle_of(fa, op);
+  DeviceScope scope(h->device, op);
+  void* fn = nullptr;
+  cudaDriverEntryPointQueryResult found{};
+  FC_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuMemGetAddressRange", &fn, 12000,
+                                                 cudaEnableDefault, &found), op);
+  FC_CHECK_VALUE(fn != nullptr && found == cudaDriverEntryPointSuccess, op)
+      << "the driver has no cuMemGetAddressRange";
+  auto get_range = reinterpret_cast<CUresult (*)(CUdeviceptr*, size_t*, CUdeviceptr)>(fn);
+  ffi::Array<int64_t> handle_bytes;
+  ffi::Array<int64_t> offsets;
+  for (const auto& entry : h->pending_graph_inputs) {
+    CUdeviceptr base = 0;
+    size_t size = 0;
+    CUresult res = get_range(&base, &size, reinterpret_cast<CUdeviceptr>(entry.first));
+    FC_CHECK_VALUE(res == CUDA_SUCCESS, op) << "cuMemGetAddressRange failed (" << res << ")";
+    cudaIpcMemHandle_t ipc;
+    FC_CUDA_CHECK(cudaIpcGetMemHandle(&ipc, reinterpret_cast<void*>(base)), op);
+    for (size_t i = 0; i < sizeof(ipc.reserved); ++i) {
+      handle_bytes.push_back(static_cast<int64_t>(static_cast<signed char>(ipc.reserved[i])));
+    }
+    offsets.push_back(static_cast<int64_t>(reinterpret_cast<CUdeviceptr>(entry.first) - base));
+  }
+  return ffi::Array<ffi::Array<int64_t>>{handle_bytes, offsets};
+}
+
+void vllm_register_graph_buffers(int64_t fa, ffi::Array<ffi::Array<int64_t>> handles,
+                                 ffi::Array<ffi::Array<int64_t>> offsets) {
+  constexpr const char* op = "vllm_register_graph_buffers";
+  VllmHandle* h = handle_of(fa, op);
+  const size_t n = h->pending_graph_inputs.size();
+  FC_CHECK_VALUE(static_cast<int64_t>(handles.size()) == h->world &&
+                     static_cast<int64_t>(offsets.size()) == h->world, op)
+      << "need one handle list and one offset list per rank (" << h->world << "), got "
+      << handles.size() << " and " << offsets.size();
+  constexpr size_t kHandleBytes = sizeof(cudaIpcMemHandle_t);
+  for (int q = 0; q < h->world; ++q) {
+    FC_CHECK_VALUE(handles[q].size() == n * kHandleBytes && offsets[q].size() == n, op)
+        << "rank " << q << " sent " << offsets[q].size() << " buffers (" << handles[q].size()
+        << " handle bytes); this rank captured " << n;
+  }
+  DeviceScope scope(h->device, op);
+  for (size_t i = 0; i < n; ++i) {
+    std::vector<const void*> ptrs(h->world);
+    for (int q = 0; q < h->world; ++q) {
+      if (q == h->rank) {
+        ptrs[q] = h->pending_graph_inputs[i].first;
+        continue;
+      }
+      std::string key(kHandleBytes, '\0');
+      for (size_t b = 0; b < kHandleBytes; ++b) {
+        key[b] = static_cast<char>(handles[q][i * kHandleBytes + b] & 0xff);
+      }
+      auto it = h->opened.find(key);
+      if (it == h->opened.end()) {
+        cudaIpcMemHandle_t ipc;
+        std::memcpy(ipc.reserved, key.data(), kHandleBytes);
+        void* base = nullptr;
+        FC_CUDA_CHECK(cudaIpcOpenMemHandle(&base, ipc, cudaIpcMemLazyEnablePeerAccess), op);
+        it = h->opened.emplace(key, static_cast<char*>(base)).first;
+      }
+      ptrs[q] = it->second + offsets[q][i];
+    }
+    write_record(h->pending_graph_inputs[i].second, ptrs, op);
+  }
+  h->pending_graph_inputs.clear();
+}
+
+}  // namespace fusedcomm
+
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(vllm_get_graph_buffer_ipc_meta, fusedcomm::vllm_get_graph_buffer_ipc_meta);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(vllm_register_graph_buffers, fusedcomm::vllm_register_graph_buffers);

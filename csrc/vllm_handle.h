@@ -1,0 +1,74 @@
+// The state behind a vLLM all-reduce handle, shared by vllm_ar.cu and vllm_ar_graph.cu.
+#pragma once
+#include <map>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <unordered_set>
+#include <vector>
+
+#include "ffi_utils.h"
+#include "vllm_ar.h"
+
+namespace fusedcomm {
+
+
+struct VllmHandle {
+  int rank = 0;
+  int world = 0;
+  int device = 0;
+  bool full_nvlink = false;
+  PeerSignal* self = nullptr;
+  PeerSignal* peers[kMaxRanks] = {};
+  RankPointers* records = nullptr;
+  int64_t capacity = 0;
+  int64_t used = 0;
+  std::unordered_map<const void*, RankPointers*> registered;
+  std::vector<std::pair<const void*, RankPointers*>> pending_graph_inputs;
+  std::map<std::string, char*> opened;  // IPC handle bytes -> mapped allocation base
+  FailureState failure{};
+  uint64_t timeout_ns = 0;
+};
+
+inline std::mutex g_mutex;
+inline std::unordered_set<VllmHandle*> g_handles;
+
+inline VllmHandle* handle_of(int64_t fa, const char* op) {
+  auto* h = reinterpret_cast<VllmHandle*>(fa);
+  std::lock_guard<std::mutex> lock(g_mutex);
+  FC_CHECK_VALUE(g_handles.count(h) != 0, op) << "fa (" << fa << ") is not a live handle "
+                                              << "(never created, or already disposed)";
+  return h;
+}
+
+class DeviceScope {
+ public:
+  DeviceScope(int device, const char* op) {
+    FC_CUDA_CHECK(cudaGetDevice(&previous_), op);
+    if (previous_ != device) FC_CUDA_CHECK(cudaSetDevice(device), op);
+    device_ = device;
+  }
+  ~DeviceScope() {
+    if (previous_ != device_) cudaSetDevice(previous_);
+  }
+
+ private:
+  int previous_ = 0;
+  int device_ = 0;
+};
+
+inline RankPointers* take_record(VllmHandle* h, const char* op) {
+  if (h->used >= h->capacity) {
+    TVM_FFI_THROW(RuntimeError) << op << ": rank_data holds " << h->capacity
+                                << " pointer records and all are in use; pass a larger rank_data";
+  }
+  return h->records + h->used++;
+}
+
+inline void write_record(RankPointers* record, const std::vector<const void*>& ptrs, const char* op) {
+  RankPointers host{};
+  for (size_t q = 0; q < ptrs.size(); ++q) host.ptrs[q] = ptrs[q];
+  FC_CUDA_CHECK(cudaMemcpy(record, &host, sizeof(host), cudaMemcpyHostToDevice), op);
+}
+
+}  // namespace fusedcomm

@@ -1,0 +1,1 @@
+"""Benchmarks behind ``fusedcomm bench``; each times ours beside NCCL in the same run."""

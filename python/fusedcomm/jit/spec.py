@@ -1,0 +1,122 @@
+"""JitSpec: what one CUDA module is made of, and the key that names its build.
+
+A module is a set of compile units. Each unit is a source file under ``csrc/`` plus a few
+preprocessor definitions, so one source can be compiled once per dtype into separate, small,
+parallel translation units. The key hashes everything that can change the binary: the package
+version, the module name, the target architecture, the flags, every unit and every header of
+ours that a unit includes (followed transitively), and, for the JIT cache, the nvcc version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+from pathlib import Path
+
+from .paths import CSRC_DIR, INCLUDE_DIR
+
+_INCLUDE_RE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """One translation unit: a source under csrc/ and its -D definitions."""
+
+    source: str
+    defines: tuple[str, ...] = ()
+
+    @property
+    def object_name(self) -> str:
+        stem = Path(self.source).stem
+        suffix = "_".join(d.split("=", 1)[-1].lower() for d in self.defines)
+        return f"{stem}_{suffix}.o" if suffix else f"{stem}.o"
+
+
+@dataclasses.dataclass(frozen=True)
+class JitSpec:
+    """A named CUDA module: its compile units and extra flags."""
+
+    name: str
+    units: tuple[Unit, ...]
+    cuda_cflags: tuple[str, ...] = ()
+    ldflags: tuple[str, ...] = ()
+    csrc_dir: Path = CSRC_DIR
+    include_dir: Path = INCLUDE_DIR
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", self.name):
+            raise ValueError(f"JitSpec: name {self.name!r} must be lower_snake_case")
+        if not self.units:
+            raise ValueError(f"JitSpec {self.name}: needs at least one compile unit")
+        objects = [u.object_name for u in self.units]
+        if len(set(objects)) != len(objects):
+            raise ValueError(f"JitSpec {self.name}: two units map to one object: {objects}")
+
+    def source_paths(self) -> list[Path]:
+        return [self.csrc_dir / u.source for u in self.units]
+
+    def dependencies(self) -> list[Path]:
+        """Every file of ours the build reads: the sources and their included headers."""
+        return _collect_includes(self.source_paths(), self.include_dir)
+
+    def source_hash(self, arch: str) -> str:
+        """Hash of everything but the compiler: used to check prebuilt modules."""
+        h = hashlib.sha256()
+        from .. import __version__
+
+        for part in (__version__, self.name, arch, *self.cuda_cflags, "|", *self.ldflags):
+            h.update(part.encode() + b"\0")
+        for unit in self.units:
+            h.update(f"{unit.source}:{','.join(unit.defines)}".encode() + b"\0")
+        for path in self.dependencies():
+            h.update(_relative_name(path, (self.include_dir, self.csrc_dir)).encode() + b"\0")
+            h.update(path.read_bytes())
+        return h.hexdigest()
+
+    def cache_key(self, arch: str, nvcc_version: str) -> str:
+        h = hashlib.sha256(self.source_hash(arch).encode())
+        h.update(nvcc_version.encode())
+        return h.hexdigest()[:16]
+
+
+def _relative_name(path: Path, roots: tuple[Path, ...]) -> str:
+    for root in roots:
+        try:
+            return str(path.resolve().relative_to(root.resolve()))
+        except ValueError:
+            continue
+    return str(path)
+
+
+def _collect_includes(sources: list[Path], include_dir: Path) -> list[Path]:
+    seen: dict[Path, None] = {}
+    stack = list(sources)
+    while stack:
+        path = stack.pop().resolve()
+        if path in seen:
+            continue
+        if not path.is_file():
+            raise FileNotFoundError(f"JitSpec: missing source or header {path}")
+        seen[path] = None
+        for name in _INCLUDE_RE.findall(path.read_text()):
+            for base in (path.parent, include_dir):
+                candidate = base / name
+                if candidate.is_file():
+                    stack.append(candidate)
+                    break
+    return sorted(seen)
+
+
+def gencode_flag(arch: str) -> str:
+    """'9.0a' -> -gencode=arch=compute_90a,code=sm_90a."""
+    m = re.fullmatch(r"(\d+)\.(\d+)([af]?)", arch)
+    if not m:
+        raise ValueError(f"arch {arch!r} must look like '9.0a', '10.0a' or '8.0'")
+    sm = f"{m.group(1)}{m.group(2)}{m.group(3)}"
+    return f"-gencode=arch=compute_{sm},code=sm_{sm}"
+
+
+def sm_name(arch: str) -> str:
+    gencode_flag(arch)
+    return "sm_" + arch.replace(".", "")

@@ -1,0 +1,1 @@
+"""Frontends, one module per op family; each registers its torch custom ops."""

@@ -1,0 +1,1 @@
+"""Process-wide runtime state shared by every op family."""

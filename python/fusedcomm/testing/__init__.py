@@ -1,0 +1,1 @@
+"""Helpers for testing fusedcomm: multi-rank process launching and MPI command lines."""

@@ -1,0 +1,311 @@
+"""Run a function on several local ranks, each in its own process.
+
+:func:`run_ranks` is the one launcher the tests use. Every rank is a fresh
+(spawned) process with ``torch.distributed`` initialised over a TCP store on
+127.0.0.1. A failing rank, a rank that dies, or a rank that never finishes makes
+the call raise in the parent; it never hangs the caller.
+
+:func:`mpirun_command` builds an ``mpiexec`` command line for tests that launch
+ranks through MPI instead.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import inspect
+import os
+import pickle
+import queue as queue_mod
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from typing import Any, Callable, Sequence
+
+import torch.multiprocessing as mp
+
+__all__ = [
+    "RankFailure",
+    "RankTimeout",
+    "find_mpirun",
+    "mpirun_command",
+    "run_ranks",
+]
+
+# Every rank gets these; NVLink multicast stays off in all our tests.
+_FORCED_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+
+_POLL_S = 0.2
+_KILL_JOIN_S = 10.0
+
+
+class RankFailure(RuntimeError):
+    """One or more ranks raised or died.
+
+    ``ranks`` lists the failing ranks; ``details`` maps each to its traceback
+    (or to a note on how the process ended).
+    """
+
+    def __init__(self, details: dict[int, str]):
+        self.ranks = sorted(details)
+        self.details = dict(details)
+        noun = "rank" if len(self.ranks) == 1 else "ranks"
+        names = ", ".join(str(r) for r in self.ranks)
+        parts = [f"run_ranks: {noun} {names} failed"]
+        for r in self.ranks:
+            parts.append(f"--- rank {r} ---\n{self.details[r].rstrip()}")
+        super().__init__("\n".join(parts))
+
+
+class RankTimeout(RuntimeError):
+    """Some ranks were still running when the time limit ran out.
+
+    ``ranks`` lists the ranks that had not finished.
+    """
+
+    def __init__(self, ranks: Sequence[int], timeout_s: float, what: str = "still running"):
+        self.ranks = sorted(ranks)
+        self.timeout_s = timeout_s
+        noun = "rank" if len(self.ranks) == 1 else "ranks"
+        names = ", ".join(str(r) for r in self.ranks)
+        super().__init__(f"run_ranks: timed out after {timeout_s:g} s; {noun} {names} {what}")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _init_process_group(rank: int, world_size: int, port: int, backend: str, timeout_s: float):
+    import torch
+    import torch.distributed as dist
+
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = dist.TCPStore(
+        "127.0.0.1", port, world_size, is_master=(rank == 0), timeout=timeout
+    )
+    kwargs: dict[str, Any] = {}
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+        if "device_id" in inspect.signature(dist.init_process_group).parameters:
+            kwargs["device_id"] = torch.device("cuda", rank)
+    dist.init_process_group(
+        backend, store=store, rank=rank, world_size=world_size, timeout=timeout, **kwargs
+    )
+
+
+def _rank_main(rank, world_size, port, backend, timeout_s, fn, args, env, results):
+    """Body of one rank's process; reports ("ok", pickled value) or ("error", text)."""
+    os.environ.update(env)
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+    )
+    try:
+        import torch.distributed as dist
+
+        _init_process_group(rank, world_size, port, backend, timeout_s)
+        value = fn(rank, world_size, *args)
+        try:
+            payload = pickle.dumps(value)
+        except Exception as exc:
+            raise TypeError(
+                f"run_ranks: rank {rank} returned a value that cannot be pickled "
+                f"({type(value).__name__}): {exc}"
+            ) from exc
+        dist.destroy_process_group()
+    except BaseException:
+        results.put((rank, "error", traceback.format_exc()))
+        results.close()
+        results.join_thread()
+        sys.exit(1)
+    results.put((rank, "ok", payload))
+    results.close()
+    results.join_thread()
+
+
+def _exit_note(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        return f"process was killed by signal {-exitcode} before reporting"
+    return f"process exited with code {exitcode} before reporting"
+
+
+def _stop(procs: list) -> None:
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    for p in procs:
+        p.join(_KILL_JOIN_S)
+
+
+def run_ranks(
+    fn: Callable[..., Any],
+    world_size: int,
+    *,
+    backend: str = "gloo",
+    timeout_s: float = 120.0,
+    args: Sequence[Any] = (),
+    env: dict[str, str] | None = None,
+) -> list:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` local processes.
+
+    Each process initialises ``torch.distributed`` with ``backend`` over a TCP
+    store on 127.0.0.1 (with ``"nccl"`` it first selects CUDA device ``rank``),
+    calls ``fn``, then destroys the process group. ``fn`` and ``args`` must be
+    picklable (``fn`` a module-level function). ``env`` adds environment
+    variables for the ranks; NVLink multicast is always disabled
+    (``NCCL_NVLS_ENABLE=0``, ``TORCH_SYMM_MEM_DISABLE_MULTICAST=1``).
+
+    Returns the ranks' return values, indexed by rank; values must be
+    picklable (plain objects or CPU tensors). Raises :class:`RankFailure` as
+    soon as a rank raises or dies, and :class:`RankTimeout` if ranks are still
+    running after ``timeout_s`` seconds; either way the remaining ranks are
+    killed first.
+    """
+    if isinstance(world_size, bool) or not isinstance(world_size, int):
+        raise TypeError(f"run_ranks: world_size must be an int, got {type(world_size).__name__}")
+    if world_size < 1:
+        raise ValueError(f"run_ranks: world_size ({world_size}) must be >= 1")
+    if timeout_s <= 0:
+        raise ValueError(f"run_ranks: timeout_s ({timeout_s}) must be > 0")
+    child_env = {str(k): str(v) for k, v in (env or {}).items()}
+    for name, value in _FORCED_ENV.items():
+        if child_env.get(name, value) != value:
+            raise ValueError(
+                f"run_ranks: env may not set {name}={child_env[name]!r}; "
+                f"NVLink multicast stays disabled ({name}={value})"
+            )
+    child_env.update(_FORCED_ENV)
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    deadline = time.monotonic() + timeout_s
+    procs = []
+    try:
+        for rank in range(world_size):
+            p = ctx.Process(
+                target=_rank_main,
+                args=(rank, world_size, port, backend, timeout_s, fn, tuple(args),
+                      child_env, results),
+                name=f"run_ranks-rank{rank}",
+                daemon=False,  # a rank may start worker processes of its own
+            )
+            p.start()
+            procs.append(p)
+        values = _collect(procs, results, deadline, timeout_s)
+        for p in procs:
+            p.join(max(deadline - time.monotonic(), 0.0))
+        lingering = [r for r, p in enumerate(procs) if p.is_alive()]
+        if lingering:
+            raise RankTimeout(lingering, timeout_s, "finished but did not exit")
+        return values
+    finally:
+        _stop(procs)
+        results.close()
+
+
+def _collect(procs: list, results: Any, deadline: float, timeout_s: float) -> list:
+    world_size = len(procs)
+    values: dict[int, Any] = {}
+    failures: dict[int, str] = {}
+
+    def take(message) -> None:
+        rank, status, payload = message
+        if status == "ok":
+            values[rank] = pickle.loads(payload)
+        else:
+            failures[rank] = payload
+
+    def drain(wait_s: float) -> None:
+        end = time.monotonic() + wait_s
+        while True:
+            try:
+                take(results.get(timeout=max(end - time.monotonic(), 0.01)))
+            except queue_mod.Empty:
+                return
+
+    while len(values) < world_size:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            running = [r for r in range(world_size) if r not in values]
+            raise RankTimeout(running, timeout_s)
+        try:
+            take(results.get(timeout=min(remaining, _POLL_S)))
+        except queue_mod.Empty:
+            dead = [
+                r for r, p in enumerate(procs)
+                if not p.is_alive() and r not in values and r not in failures
+            ]
+            if dead:
+                # A rank that exits flushes its report first; read what is in flight.
+                drain(0.5)
+                for r in dead:
+                    if r not in values and r not in failures:
+                        failures[r] = _exit_note(procs[r].exitcode)
+        if failures:
+            # Other ranks often fail right after the first one; keep their reports too.
+            drain(0.5)
+            raise RankFailure(failures)
+    return [values[r] for r in range(world_size)]
+
+
+def find_mpirun() -> str | None:
+    """Path of ``mpiexec``/``mpirun`` next to the interpreter, else on PATH, else None."""
+    bindir = os.path.dirname(sys.executable)
+    for name in ("mpiexec", "mpirun"):
+        path = os.path.join(bindir, name)
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    for name in ("mpiexec", "mpirun"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _is_open_mpi(launcher: str) -> bool:
+    try:
+        out = subprocess.run(
+            [launcher, "--version"], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    text = out.stdout + out.stderr
+    # Open MPI 5 prints "(Open MPI)"; 4.x prints "(OpenRTE)" and its bug-report address.
+    return any(mark in text for mark in ("Open MPI", "OpenRTE", "open-mpi.org"))
+
+
+def mpirun_command(n: int, argv: Sequence[str]) -> list[str]:
+    """Command line that runs ``argv`` on ``n`` local MPI ranks.
+
+    Uses the launcher found by :func:`find_mpirun`. For Open MPI (recognised
+    from its ``--version`` text) it adds ``--oversubscribe`` and, when running
+    as root, ``--allow-run-as-root``.
+    """
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"mpirun_command: n must be an int, got {type(n).__name__}")
+    if n < 1:
+        raise ValueError(f"mpirun_command: n ({n}) must be >= 1")
+    launcher = find_mpirun()
+    if launcher is None:
+        raise FileNotFoundError(
+            f"mpirun_command: no mpiexec or mpirun next to {sys.executable} or on PATH"
+        )
+    cmd = [launcher]
+    if _is_open_mpi(launcher):
+        if hasattr(os, "geteuid") and os.geteuid() == 0:
+            cmd.append("--allow-run-as-root")
+        cmd.append("--oversubscribe")
+    cmd += ["-n", str(n)]
+    cmd += [str(a) for a in argv]
+    return cmd

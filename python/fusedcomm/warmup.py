@@ -1,0 +1,19 @@
+"""Build or load CUDA modules ahead of serving, so no request waits for a compiler."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from .jit import ALL_SPECS, get_spec, load
+
+
+def warmup(modules: Iterable[str] | None = None, arch: str | None = None) -> list[str]:
+    """Load (building where needed) the named modules, default all; returns their names.
+
+    ``arch`` defaults to the current GPU's architecture ("9.0a" on H100/H200).
+    """
+    names = list(modules) if modules is not None else list(ALL_SPECS)
+    specs = [get_spec(n) for n in names]
+    for spec in specs:
+        load(spec, arch)
+    return names

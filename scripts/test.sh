@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Set up on a fresh machine, build every CUDA module for sm_90a ahead of time (a compile error
+# fails here), then run the test suite. GPU tests are skipped where no GPU is visible.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+# shellcheck disable=SC1091
+. scripts/setup_env.sh
+start=$(date +%s)
+echo "== AOT build of every module for sm_90a (python -m fusedcomm.jit.aot)"
+python -m fusedcomm.jit.aot --arch 9.0a --out "$root/.aot"
+export FUSEDCOMM_AOT_DIR="$root/.aot" FUSEDCOMM_CUDA_ARCH_LIST=9.0a
+echo "== style budgets"
+python scripts/check_budgets.py
+echo "== tests"
+python -m pytest -q "$@" tests
+echo "test.sh: done in $(( $(date +%s) - start )) s"

@@ -1,0 +1,209 @@
+"""Tests for the host communicators in fusedcomm.comm_backend."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch.distributed as dist
+
+from fusedcomm.comm_backend import (
+    CommBackend,
+    MnnvlConfig,
+    MPIBackend,
+    TorchDistBackend,
+    allgather_bytes,
+    mpi_barrier,
+    resolve_backend,
+)
+from fusedcomm.testing.dist import mpirun_command, run_ranks
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PYTHON_SRC = os.path.join(os.path.dirname(HERE), "python")
+
+
+def _env_with_source_path() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (PYTHON_SRC, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def _torch_backend_rank(rank, world_size, token):
+    comm = TorchDistBackend()
+    out = {"rank": comm.Get_rank(), "size": comm.Get_size(),
+           "is_backend": isinstance(comm, CommBackend)}
+    mine = {"rank": rank, "token": token, "list": list(range(rank + 1))}
+    out["gathered"] = comm.allgather(mine)
+    out["bytes"] = allgather_bytes(comm, bytes([rank]) * (rank + 3) + token.encode())
+    out["bcast"] = comm.bcast({"from": rank, "token": token}, root=1)
+    comm.barrier()
+
+    single = comm.Split(rank, 0)
+    out["single"] = (single.Get_rank(), single.Get_size(), single.allgather(rank))
+    single.barrier()
+
+    rev = comm.Split(0, -rank)
+    out["reversed"] = (rev.Get_rank(), rev.Get_size(), rev.allgather(rank),
+                       rev.bcast(("root0-of-reversed", rank), root=0))
+    rev.barrier()
+    return out
+
+
+def test_torch_dist_backend_gloo_two_ranks():
+    tokens = [os.urandom(6).hex() for _ in range(2)]
+    results = run_ranks(_torch_backend_rank, 2, backend="gloo", timeout_s=90,
+                        args=(tokens[0],))
+    expected_gathered = [{"rank": r, "token": tokens[0], "list": list(range(r + 1))}
+                         for r in range(2)]
+    expected_bytes = [bytes([r]) * (r + 3) + tokens[0].encode() for r in range(2)]
+    for rank, out in enumerate(results):
+        assert (out["rank"], out["size"], out["is_backend"]) == (rank, 2, True)
+        assert out["gathered"] == expected_gathered
+        assert out["bytes"] == expected_bytes
+        assert out["bcast"] == {"from": 1, "token": tokens[0]}
+        assert out["single"] == (0, 1, [rank])
+        # key = -rank puts old rank 1 first in the new group.
+        assert out["reversed"] == (1 - rank, 2, [1, 0], ("root0-of-reversed", 1))
+
+
+def _nccl_backend_rank(rank, world_size, token):
+    import torch
+
+    comm = TorchDistBackend()  # run_ranks already selected CUDA device `rank`
+    out = {"device": torch.cuda.current_device(), "gathered": comm.allgather((rank, token)),
+           "bcast": comm.bcast((rank, token), root=1)}
+    comm.barrier()
+    rev = comm.Split(0, -rank)
+    single = comm.Split(rank, 0)
+    x = torch.full((4,), float(10 * rank + 1), device="cuda")
+    dist.all_reduce(x, group=rev.group)
+    y = torch.full((4,), float(rank + 5), device="cuda")
+    dist.all_reduce(y, group=single.group)
+    out["reversed"] = (rev.Get_rank(), rev.allgather(rank), rev.bcast(rank, root=0))
+    out["sums"] = (x.tolist(), y.tolist(), single.Get_size())
+    return out
+
+
+@pytest.mark.gpu(2)
+def test_torch_dist_backend_nccl_two_ranks():
+    token = os.urandom(6).hex()
+    results = run_ranks(_nccl_backend_rank, 2, backend="nccl", timeout_s=180, args=(token,))
+    for rank, out in enumerate(results):
+        assert out["device"] == rank
+        assert out["gathered"] == [(0, token), (1, token)]
+        assert out["bcast"] == (1, token)
+        assert out["reversed"] == (1 - rank, [1, 0], 1)
+        assert out["sums"] == ([12.0] * 4, [float(rank + 5)] * 4, 1)
+
+
+def _sub_group_split_rank(rank, world_size):
+    parent_group = dist.new_group([0, 1])  # every rank of the job takes part
+    out = None
+    if rank in (0, 1):
+        parent = TorchDistBackend(parent_group)
+        single = parent.Split(rank, 0)
+        rev = parent.Split(7, -rank)
+        out = (single.Get_size(), single.allgather(rank), rev.Get_rank(), rev.allgather(rank))
+    # Whole-job group creation still lines up after the sub-group splits.
+    world = TorchDistBackend().Split(0 if rank < 2 else 1, 0)
+    return out, world.allgather(rank)
+
+
+def test_torch_dist_backend_split_of_sub_group():
+    results = run_ranks(_sub_group_split_rank, 3, backend="gloo", timeout_s=90)
+    assert results[0] == ((1, [0], 1, [1, 0]), [0, 1])
+    assert results[1] == ((1, [1], 0, [1, 0]), [0, 1])
+    assert results[2] == (None, [2])
+
+
+def test_torch_dist_backend_needs_init():
+    if dist.is_initialized():
+        pytest.skip("torch.distributed is initialised in this process")
+    with pytest.raises(RuntimeError, match="TorchDistBackend: torch.distributed is not initialised"):
+        TorchDistBackend()
+    with pytest.raises(RuntimeError, match="not initialised"):
+        resolve_backend()
+
+
+class _FakeBackend:
+    def Get_rank(self):
+        return 0
+
+    def Get_size(self):
+        return 1
+
+    def allgather(self, obj):
+        return [obj]
+
+    def bcast(self, obj, root=0):
+        return obj
+
+    def barrier(self):
+        pass
+
+    def Split(self, color, key=0):
+        return self
+
+
+def test_resolve_backend_and_structural_check():
+    fake = _FakeBackend()
+    assert isinstance(fake, CommBackend)
+    assert resolve_backend(fake) is fake
+    assert allgather_bytes(fake, b"\x01\x02") == [b"\x01\x02"]
+    with pytest.raises(TypeError, match="resolve_backend: comm_backend must provide"):
+        resolve_backend(object())
+    with pytest.raises(TypeError, match="allgather_bytes: data must be bytes, got str"):
+        allgather_bytes(fake, "text")
+
+
+def test_mnnvl_config():
+    cfg = MnnvlConfig()
+    assert (cfg.comm_backend, cfg.allocation_granularity, cfg.fabric_page_size) == (None, 0, 1 << 29)
+    fake = _FakeBackend()
+    assert MnnvlConfig(comm_backend=fake, allocation_granularity=1 << 21).comm_backend is fake
+    with pytest.raises(TypeError, match="MnnvlConfig: comm_backend"):
+        MnnvlConfig(comm_backend="world")
+    with pytest.raises(ValueError, match=r"allocation_granularity \(-1\) must be >= 0"):
+        MnnvlConfig(allocation_granularity=-1)
+    with pytest.raises(ValueError, match=r"fabric_page_size \(0\) must be > 0"):
+        MnnvlConfig(fabric_page_size=0)
+
+
+def test_mpi_backend_without_mpi4py(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mpi4py", None)
+    monkeypatch.setitem(sys.modules, "mpi4py.MPI", None)
+    with pytest.raises(ImportError, match="MPIBackend needs mpi4py: pip install mpi4py"):
+        MPIBackend()
+    with pytest.raises(ImportError, match="MPIBackend needs mpi4py: pip install mpi4py"):
+        mpi_barrier()
+
+
+def test_import_does_not_load_mpi4py():
+    code = ("import sys, fusedcomm.comm_backend, fusedcomm.testing.dist; "
+            "print('mpi4py' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], env=_env_with_source_path(),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
+
+
+@pytest.mark.mpi
+def test_mpi_backend_two_processes(tmp_path):
+    script = os.path.join(HERE, "mpi_comm_backend_main.py")
+    cmd = mpirun_command(2, [sys.executable, script, str(tmp_path)])
+    proc = subprocess.run(cmd, env=_env_with_source_path(), capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout}\n{proc.stderr}"
+    assert sorted(os.listdir(tmp_path)) == ["rank0.json", "rank1.json"]
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["rank"] for r in results] == [0, 1]
+    tokens = [r["token"] for r in results]
+    for rank, out in enumerate(results):
+        assert out["size"] == 2
+        assert out["is_backend"] and out["raw_is_backend"]
+        assert out["gathered"] == [{"rank": r, "token": tokens[r]} for r in range(2)]
+        assert out["bytes"] == [bytes([r, 7 * r + 1]).hex() for r in range(2)]
+        assert out["bcast"] == {"from": 1, "token": tokens[1]}
+        assert out["single"] == [0, 1, [rank]]
+        assert out["reversed"] == [1 - rank, 2, [1, 0]]

@@ -1,0 +1,99 @@
+"""Tests for the multi-rank launcher fusedcomm.testing.dist.run_ranks."""
+
+import os
+import time
+
+import pytest
+
+from fusedcomm.testing import dist as dist_mod
+from fusedcomm.testing.dist import RankFailure, RankTimeout, mpirun_command, run_ranks
+
+
+def _report_rank(rank, world_size, offset):
+    import torch
+    import torch.distributed as dist
+
+    value = torch.tensor([rank + offset], dtype=torch.int64)
+    dist.all_reduce(value)
+    env = {k: os.environ.get(k) for k in
+           ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "FUSEDCOMM_TEST_TAG")}
+    return {"rank": rank, "world": world_size, "dist_rank": dist.get_rank(),
+            "sum": int(value.item()), "env": env}
+
+
+def test_returns_values_by_rank():
+    offset = int.from_bytes(os.urandom(2), "little")
+    results = run_ranks(_report_rank, 2, timeout_s=60, args=(offset,),
+                        env={"FUSEDCOMM_TEST_TAG": "tag"})
+    env = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+           "FUSEDCOMM_TEST_TAG": "tag"}
+    assert results == [
+        {"rank": r, "world": 2, "dist_rank": r, "sum": 2 * offset + 1, "env": env}
+        for r in range(2)
+    ]
+
+
+def _fail_on_rank_one(rank, world_size):
+    if rank == 1:
+        raise ValueError("deliberate failure on rank one")
+    time.sleep(600)  # left running; the launcher must stop it
+
+
+def test_failing_rank_raises_rank_failure():
+    start = time.monotonic()
+    with pytest.raises(RankFailure) as info:
+        run_ranks(_fail_on_rank_one, 2, timeout_s=60)
+    assert time.monotonic() - start < 45
+    assert info.value.ranks == [1]
+    text = str(info.value)
+    assert "rank 1 failed" in text
+    assert "ValueError: deliberate failure on rank one" in text
+    assert "_fail_on_rank_one" in text  # the traceback comes through
+
+
+def _die_on_rank_zero(rank, world_size):
+    if rank == 0:
+        os._exit(3)
+    time.sleep(600)
+
+
+def test_dead_rank_raises_rank_failure():
+    with pytest.raises(RankFailure) as info:
+        run_ranks(_die_on_rank_zero, 2, timeout_s=60)
+    assert info.value.ranks == [0]
+    assert "exited with code 3 before reporting" in str(info.value)
+
+
+def _hang_on_rank_one(rank, world_size):
+    if rank == 1:
+        while True:
+            time.sleep(1)
+    return rank
+
+
+def test_hung_rank_raises_rank_timeout():
+    start = time.monotonic()
+    with pytest.raises(RankTimeout) as info:
+        run_ranks(_hang_on_rank_one, 2, timeout_s=20)
+    elapsed = time.monotonic() - start
+    assert 20 <= elapsed < 40
+    assert info.value.ranks == [1]
+    assert "rank 1 still running" in str(info.value)
+
+
+def test_rejects_multicast_override():
+    with pytest.raises(ValueError, match="NCCL_NVLS_ENABLE"):
+        run_ranks(_report_rank, 1, args=(0,), env={"NCCL_NVLS_ENABLE": "1"})
+
+
+def test_mpirun_command_flags(monkeypatch):
+    monkeypatch.setattr(dist_mod, "find_mpirun", lambda: "/opt/mpi/bin/mpirun")
+    monkeypatch.setattr(dist_mod.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(dist_mod, "_is_open_mpi", lambda launcher: True)
+    assert mpirun_command(2, ["python", "x.py"]) == [
+        "/opt/mpi/bin/mpirun", "--allow-run-as-root", "--oversubscribe", "-n", "2", "python", "x.py"]
+    monkeypatch.setattr(dist_mod, "_is_open_mpi", lambda launcher: False)
+    assert mpirun_command(3, ["a"]) == ["/opt/mpi/bin/mpirun", "-n", "3", "a"]
+    monkeypatch.setattr(dist_mod, "find_mpirun", lambda: None)
+    with pytest.raises(FileNotFoundError, match="mpirun_command: no mpiexec or mpirun"):
+        mpirun_command(2, ["a"])
