@@ -10,6 +10,13 @@
 
 namespace fusedcomm {
 
+// Messages up to this size are staged into the registered buffer by the all-reduce kernel
+// itself; larger ones by a separate device-to-device copy (FC_STAGE_IN_KERNEL_MAX: tuning).
+#ifndef FC_STAGE_IN_KERNEL_MAX
+#define FC_STAGE_IN_KERNEL_MAX (4 << 20)
+#endif
+constexpr int64_t kStageInKernelMaxBytes = FC_STAGE_IN_KERNEL_MAX;
+
 int64_t vllm_meta_size() { return sizeof(PeerSignal); }
 
 int64_t vllm_init_custom_ar(ffi::Array<int64_t> ipc_ptrs, ffi::TensorView rank_data, int64_t rank,
@@ -108,7 +115,12 @@ void vllm_all_reduce(int64_t fa, ffi::TensorView inp, ffi::TensorView out, int64
     FC_CHECK_VALUE(it != h->registered.end(), op)
         << "reg_buffer (" << reg_buffer << ") is not registered; call vllm_register_buffer first";
     a.inputs = it->second;
-    a.stage_from = in_ptr;
+    if (bytes <= kStageInKernelMaxBytes) {
+      a.stage_from = in_ptr;  // the kernel copies, one launch in all
+    } else {                  // large: a full-GPU copy first is faster than 36 blocks copying
+      void* own = const_cast<void*>(reinterpret_cast<const void*>(reg_buffer));
+      FC_CUDA_CHECK(cudaMemcpyAsync(own, in_ptr, bytes, cudaMemcpyDeviceToDevice, stream), op);
+    }
   } else {
     auto it = h->registered.find(in_ptr);
     if (it != h->registered.end()) {

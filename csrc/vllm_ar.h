@@ -6,7 +6,7 @@
 
 namespace fusedcomm {
 
-constexpr int kAllReduceThreads = 512;
+constexpr int kAllReduceThreads = kAllReduceMaxThreads;
 
 // One definition per dtype, each in its own compile unit (vllm_ar_launch.cu with -DFC_DTYPE=...).
 cudaError_t launch_allreduce_f32(const AllReduceArgs& a, bool twoshot, int blocks, cudaStream_t s);

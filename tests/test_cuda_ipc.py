@@ -134,6 +134,8 @@ def _rank_shared_buffer(rank, world_size, seed, use_backend):
         lib.cudaMemcpy(dst.data_ptr(), ptrs[peer], size)
         assert torch.equal(dst.cpu(), want), f"rank {rank}: cudaMemcpy of slot {peer} differs"
 
+    # Everyone has checked every slot before anyone overwrites one.
+    dist.barrier()
     # Write into the next rank's slot remotely; it checks after the barrier.
     nxt = (rank + 1) % world_size
     remote = torch.randint(0, 1 << 30, (numel,), dtype=torch.int32,

@@ -8,6 +8,12 @@
 
 namespace fusedcomm {
 
+// Threads per block (FC_ALLREDUCE_THREADS overrides it when tuning).
+#ifndef FC_ALLREDUCE_THREADS
+#define FC_ALLREDUCE_THREADS 512
+#endif
+constexpr int kAllReduceMaxThreads = FC_ALLREDUCE_THREADS;
+
 struct AllReduceArgs {
   const RankPointers* inputs;  // device record: inputs->ptrs[q] = rank q's input, mapped here
   const void* stage_from;      // non-null: first copy this rank's input from here into ptrs[rank]

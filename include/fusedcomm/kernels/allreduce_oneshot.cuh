@@ -1,7 +1,7 @@
 // allreduce_oneshot: every rank reads every rank's input and sums in rank order.
 //
 //   stage (optional): copy own input into the shared buffer, the packs this block will read
-//   meet (release)  : peers' staged packs are visible
+//   meet            : peers have arrived (release/acquire when packs were staged)
 //   reduce          : out[i] = sum over q = 0..world-1 of in_q[i], fp32 accumulation
 //   meet (relaxed)  : nobody reuses its buffer while a peer still reads it
 // The sum order is the same on every rank, so all ranks get bit-identical results.
@@ -13,12 +13,33 @@
 namespace fusedcomm {
 
 // Packs a thread keeps in flight per rank: enough loads outstanding to cover NVLink latency
-// without spilling registers.
+// without spilling registers (FC_ONESHOT_UNROLL overrides the 2-rank value when tuning).
+#ifndef FC_ONESHOT_UNROLL
+#define FC_ONESHOT_UNROLL 4
+#endif
 template <int kWorld>
-constexpr int kOneshotUnroll = kRankSlots<kWorld> <= 2 ? 4 : (kRankSlots<kWorld> <= 4 ? 2 : 1);
+constexpr int kOneshotUnroll =
+    kRankSlots<kWorld> <= 2 ? FC_ONESHOT_UNROLL : (kRankSlots<kWorld> <= 4 ? 2 : 1);
+
+// Copy this block's share of the input into the shared buffer, kUnroll packs in flight.
+template <typename T, int kUnroll>
+__device__ __forceinline__ void stage_packs(void* dst, const void* src, int64_t first,
+                                            int64_t stride, int64_t n) {
+  for (int64_t base = first; base < n; base += stride * kUnroll) {
+    Pack<T> v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (base + u * stride < n) v[u] = load_pack<T>(src, base + u * stride);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (base + u * stride < n) store_pack<T>(dst, base + u * stride, v[u]);
+    }
+  }
+}
 
 template <typename T, int kWorld>
-__global__ void __launch_bounds__(512, 1) allreduce_oneshot(AllReduceArgs a) {
+__global__ void __launch_bounds__(kAllReduceMaxThreads, 1) allreduce_oneshot(AllReduceArgs a) {
   constexpr int kSlots = kRankSlots<kWorld>;
   constexpr int kUnroll = kOneshotUnroll<kWorld>;
   const int world = world_of<kWorld>(a);
@@ -26,13 +47,17 @@ __global__ void __launch_bounds__(512, 1) allreduce_oneshot(AllReduceArgs a) {
   const int64_t first = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const void* own = a.stage_from != nullptr ? a.stage_from : a.inputs->ptrs[a.rank];
 
+  // Staged packs are handed to the peers (release); registered inputs were complete before
+  // the launch, so the meeting only has to say "here" (relaxed).
+  bool met;
   if (a.stage_from != nullptr) {
-    void* shared = const_cast<void*>(a.inputs->ptrs[a.rank]);
-    for (int64_t i = first; i < a.num_packs; i += stride) {
-      store_pack<T>(shared, i, load_pack<T>(a.stage_from, i));
-    }
+    stage_packs<T, 4>(const_cast<void*>(a.inputs->ptrs[a.rank]), a.stage_from, first, stride,
+                      a.num_packs);
+    met = cta_meet<MemOrder::kRelease>(a.self, a.peers, a.rank, world, a.site, kPhaseStart);
+  } else {
+    met = cta_meet<MemOrder::kRelaxed>(a.self, a.peers, a.rank, world, a.site, kPhaseStart);
   }
-  if (!cta_meet<MemOrder::kRelease>(a.self, a.peers, a.rank, world, a.site, kPhaseStart)) return;
+  if (!met) return;
 
   const void* src[kSlots];
 #pragma unroll

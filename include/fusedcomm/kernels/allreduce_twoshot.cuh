@@ -19,7 +19,7 @@
 namespace fusedcomm {
 
 template <typename T, int kWorld>
-__global__ void __launch_bounds__(512, 1) allreduce_twoshot(AllReduceArgs a) {
+__global__ void __launch_bounds__(kAllReduceMaxThreads, 1) allreduce_twoshot(AllReduceArgs a) {
   constexpr int kSlots = kRankSlots<kWorld>;
   const int world = world_of<kWorld>(a);
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
