@@ -22,7 +22,7 @@ fi
 py=python3
 $py -m fusedcomm doctor 2>&1 | tee "$out/doctor.txt"
 echo "== GPU and MPI tests"
-$py -m pytest -m "gpu or mpi" -v -rfEs -p no:cacheprovider --junitxml="$out/junit.xml" "$@" tests \
+$py -m pytest -m "gpu or mpi" -v -rfEs --durations=12 -p no:cacheprovider --junitxml="$out/junit.xml" "$@" tests \
   2>&1 | tee "$out/pytest.log"
 echo "== benchmarks"
 bench_rc=0

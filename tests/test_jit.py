@@ -174,3 +174,29 @@ def test_every_shipped_spec_resolves_its_headers():
     for spec in ALL_SPECS.values():
         deps = spec.dependencies()
         assert any(p.suffix == ".cuh" for p in deps), spec.name
+
+
+def _fake_cache_package(monkeypatch, version, module_dir):
+    import types
+
+    pkg = types.ModuleType("fusedcomm_jit_cache")
+    pkg.__version__ = version
+    pkg.MODULE_DIR = str(module_dir)
+    monkeypatch.setitem(sys.modules, "fusedcomm_jit_cache", pkg)
+
+
+@needs_nvcc
+def test_prebuilt_package_is_preferred_when_versions_match(tiny, tmp_path, monkeypatch):
+    import fusedcomm
+
+    spec, _ = tiny
+    out = tmp_path / "pkg_modules"
+    monkeypatch.setattr(aot, "get_spec", lambda name: spec)
+    aot.build_all([ARCH], out, ["tiny"])
+    monkeypatch.setenv("FUSEDCOMM_NO_JIT", "1")
+    _fake_cache_package(monkeypatch, fusedcomm.__version__, out)
+    assert locate(spec, ARCH) == out / ARCH / "tiny.so"
+    _fake_cache_package(monkeypatch, "0.0.0-other", out)
+    with pytest.warns(UserWarning, match="does not match fusedcomm"):
+        with pytest.raises(MissingModuleError):
+            locate(spec, ARCH)
