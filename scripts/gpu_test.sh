@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On a GPU host: every GPU (and MPI) test, then the benchmarks; results and a summary in OUTDIR.
+# On a GPU host: the benchmarks, then every GPU (and MPI) test; results and a summary in OUTDIR.
 # Uses prebuilt modules from FUSEDCOMM_AOT_DIR, or from .gpu-bundle/kernels when present, and
 # the wheels in .gpu-bundle/wheels for packages the host lacks (no registry there).
 #   usage: scripts/gpu_test.sh OUTDIR
@@ -21,13 +21,13 @@ if [ -z "${FUSEDCOMM_AOT_DIR:-}" ] && [ -d .gpu-bundle/kernels ]; then
 fi
 py=python3
 $py -m fusedcomm doctor 2>&1 | tee "$out/doctor.txt"
-echo "== GPU and MPI tests"
-$py -m pytest -m "gpu or mpi" -v -rfEs --durations=12 -p no:cacheprovider --junitxml="$out/junit.xml" "$@" tests \
-  2>&1 | tee "$out/pytest.log"
 echo "== benchmarks"
 bench_rc=0
 $py -m fusedcomm bench --json "$out/bench.json" --markdown "$out/bench.md" --plot "$out/bench.png" \
   2>&1 || bench_rc=$?
+echo "== GPU and MPI tests"
+$py -m pytest -m "gpu or mpi" -v -rfEs --durations=12 -p no:cacheprovider --junitxml="$out/junit.xml" "$@" tests \
+  2>&1 | tee "$out/pytest.log"
 $py - "$out" "$bench_rc" <<'PY' | tee "$out/summary.txt"
 import json, sys, xml.etree.ElementTree as ET
 out, bench_rc = sys.argv[1], int(sys.argv[2])
