@@ -28,10 +28,8 @@ int64_t vllm_init_custom_ar(ffi::Array<int64_t> ipc_ptrs, ffi::TensorView rank_d
       << "world size (" << world << ") must be 2, 4, 6 or 8";
   FC_CHECK_VALUE(rank >= 0 && rank < world, op)
       << "rank (" << rank << ") must be in [0, " << world << ")";
-  if (!full_nvlink && world > 2) {
-    TVM_FFI_THROW(NotImplementedError) << op << ": full_nvlink=False supports only 2 ranks (got "
-                                       << world << ")";
-  }
+  FC_CHECK_VALUE(full_nvlink || world == 2, op)
+      << "full_nvlink=False supports only 2 ranks (got " << world << ")";
   FC_CHECK_VALUE(rank_data.device().device_type == kDLCUDA, op) << "rank_data must be a CUDA tensor";
   FC_CHECK_VALUE(rank_data.is_contiguous(), op) << "rank_data must be contiguous";
   FC_CHECK_VALUE(reinterpret_cast<uintptr_t>(data_of(rank_data)) % 64 == 0, op)

@@ -23,6 +23,13 @@ def test_unknown_handle_and_bad_algorithm():
 def test_init_rejects_cpu_rank_data_and_non_list():
     with pytest.raises(TypeError, match="rank_data must be a CUDA tensor"):
         comm.vllm_init_custom_ar([1, 2], torch.empty(64, dtype=torch.uint8), 0, True)
+    with pytest.raises(TypeError, match="one pointer per rank"):
+        comm.vllm_init_custom_ar(1234, torch.empty(64, dtype=torch.uint8), 0, True)
+
+
+def test_init_without_full_nvlink_needs_two_ranks():
+    with pytest.raises(NotImplementedError, match="full_nvlink=False supports only 2 ranks"):
+        comm.vllm_init_custom_ar([1, 2, 3, 4], torch.empty(64, dtype=torch.uint8), 0, False)
 
 
 def test_all_reduce_traces_with_fake_tensors():
@@ -49,7 +56,7 @@ def handle():
 @pytest.mark.parametrize("world,rank,full,exc,match", [
     (3, 0, True, ValueError, "world size"), (10, 0, True, ValueError, "world size"),
     (1, 0, True, ValueError, "world size"), (2, 2, True, ValueError, "rank"),
-    (2, -1, True, ValueError, "rank"), (4, 0, False, NotImplementedError, "full_nvlink"),
+    (2, -1, True, ValueError, "rank"),
 ])
 def test_init_rejects(world, rank, full, exc, match):
     rank_data = torch.empty(256, dtype=torch.uint8, device="cuda")

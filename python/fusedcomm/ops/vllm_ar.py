@@ -84,11 +84,15 @@ def vllm_init_custom_ar(ipc_tensors, rank_data: torch.Tensor, rank: int, full_nv
     (default FUSEDCOMM_TIMEOUT_S, 30 s).
     """
     op = "vllm_init_custom_ar"
-    if not isinstance(rank_data, torch.Tensor) or not rank_data.is_cuda:
-        raise TypeError(f"{op}: rank_data must be a CUDA tensor")
     if not isinstance(ipc_tensors, (list, tuple)):
         raise TypeError(f"{op}: ipc_tensors must be a list with one pointer per rank")
     ptrs = [_as_ptr(op, p) for p in ipc_tensors]
+    if not full_nvlink and len(ptrs) > 2:
+        raise NotImplementedError(
+            f"{op}: full_nvlink=False supports only 2 ranks (got {len(ptrs)}); without NVLink "
+            "between every pair of GPUs use NCCL")
+    if not isinstance(rank_data, torch.Tensor) or not rank_data.is_cuda:
+        raise TypeError(f"{op}: rank_data must be a CUDA tensor")
     timeout = envs.default_timeout_s() if timeout_s is None else float(timeout_s)
     return _init_impl(ptrs, rank_data, int(rank), bool(full_nvlink), timeout)
 
