@@ -8,6 +8,7 @@ import torch
 
 from fusedcomm import capability
 from fusedcomm.capability import DeviceCaps, GroupCaps, agree, probe_group
+from fusedcomm.comm_backend import SoloBackend
 from fusedcomm.testing.dist import run_ranks
 
 BUS = ["0000:18:00.0", "0000:2a:00.0", "0000:3a:00.0", "0000:5d:00.0"]
@@ -127,32 +128,10 @@ def test_probes_without_cuda():
     assert capability.nvlink_matrix() in (None, [])
 
 
-class _SoloBackend:
-    """A one-rank communicator, enough for probe_group's collectives."""
-
-    def Get_rank(self):
-        return 0
-
-    def Get_size(self):
-        return 1
-
-    def allgather(self, obj):
-        return [pickle.loads(pickle.dumps(obj))]
-
-    def bcast(self, obj, root=0):
-        return obj
-
-    def barrier(self):
-        pass
-
-    def Split(self, color, key=0):
-        return self
-
-
 def test_probe_group_with_given_backend(monkeypatch):
     mine = _caps(1, cc=(9, 0), mc=False)
     monkeypatch.setattr(capability, "probe_local", lambda device=None: mine)
-    g = probe_group(comm_backend=_SoloBackend())
+    g = probe_group(comm_backend=SoloBackend())
     assert g == agree([mine])
 
 
@@ -162,7 +141,7 @@ def test_probe_group_reports_local_failure(monkeypatch):
 
     monkeypatch.setattr(capability, "probe_local", broken)
     with pytest.raises(RuntimeError, match=r"probe_group: probing failed on rank 0: Runtime"):
-        probe_group(comm_backend=_SoloBackend())
+        probe_group(comm_backend=SoloBackend())
 
 
 # ----------------------------------------------------------------------------- ranks (gloo)

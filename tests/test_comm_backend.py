@@ -12,6 +12,7 @@ from fusedcomm.comm_backend import (
     CommBackend,
     MnnvlConfig,
     MPIBackend,
+    SoloBackend,
     TorchDistBackend,
     allgather_bytes,
     mpi_barrier,
@@ -126,28 +127,8 @@ def test_torch_dist_backend_needs_init():
         resolve_backend()
 
 
-class _FakeBackend:
-    def Get_rank(self):
-        return 0
-
-    def Get_size(self):
-        return 1
-
-    def allgather(self, obj):
-        return [obj]
-
-    def bcast(self, obj, root=0):
-        return obj
-
-    def barrier(self):
-        pass
-
-    def Split(self, color, key=0):
-        return self
-
-
 def test_resolve_backend_and_structural_check():
-    fake = _FakeBackend()
+    fake = SoloBackend()
     assert isinstance(fake, CommBackend)
     assert resolve_backend(fake) is fake
     assert allgather_bytes(fake, b"\x01\x02") == [b"\x01\x02"]
@@ -160,7 +141,7 @@ def test_resolve_backend_and_structural_check():
 def test_mnnvl_config():
     cfg = MnnvlConfig()
     assert (cfg.comm_backend, cfg.allocation_granularity, cfg.fabric_page_size) == (None, 0, 1 << 29)
-    fake = _FakeBackend()
+    fake = SoloBackend()
     assert MnnvlConfig(comm_backend=fake, allocation_granularity=1 << 21).comm_backend is fake
     with pytest.raises(TypeError, match="MnnvlConfig: comm_backend"):
         MnnvlConfig(comm_backend="world")

@@ -7,7 +7,14 @@ through TVM-FFI and registered as torch custom ops.
 
 __version__ = "0.1.0"
 
-from .comm_backend import CommBackend, MnnvlConfig, MPIBackend, TorchDistBackend, mpi_barrier
+from .comm_backend import (
+    CommBackend,
+    MnnvlConfig,
+    MPIBackend,
+    SoloBackend,
+    TorchDistBackend,
+    mpi_barrier,
+)
 from .cuda_ipc import CudaRTLibrary, create_shared_buffer, free_shared_buffer
 from .dlpack_utils import pack_strided_memory
 from .mapping import Mapping
@@ -31,6 +38,7 @@ __all__ = [
     "Mapping",
     "MnnvlConfig",
     "PeerTimeoutError",
+    "SoloBackend",
     "TorchDistBackend",
     "check_errors",
     "create_shared_buffer",

@@ -17,6 +17,7 @@ Two implementations ship here:
 from __future__ import annotations
 
 import dataclasses
+import pickle
 from typing import Any, Protocol, runtime_checkable
 
 import torch.distributed as dist
@@ -26,6 +27,7 @@ __all__ = [
     "TorchDistBackend",
     "MPIBackend",
     "MnnvlConfig",
+    "SoloBackend",
     "allgather_bytes",
     "mpi_barrier",
     "resolve_backend",
@@ -285,6 +287,33 @@ def resolve_backend(comm_backend: Any = None, group: Any = None) -> CommBackend:
         _check_backend("resolve_backend", comm_backend)
         return comm_backend
     return TorchDistBackend(group)
+
+
+class SoloBackend:
+    """A communicator of one rank (world size 1): every collective returns at once.
+
+    Objects still make a pickle round trip in ``allgather`` and ``bcast``, as they would between
+    processes, so code that works here does not rely on sharing objects by reference.
+    """
+
+    def Get_rank(self) -> int:
+        return 0
+
+    def Get_size(self) -> int:
+        return 1
+
+    def allgather(self, obj: Any) -> list:
+        return [pickle.loads(pickle.dumps(obj))]
+
+    def bcast(self, obj: Any, root: int = 0) -> Any:
+        _check_root("SoloBackend.bcast", root, 1)
+        return pickle.loads(pickle.dumps(obj))
+
+    def barrier(self) -> None:
+        return None
+
+    def Split(self, color: int, key: int = 0) -> "SoloBackend":
+        return self
 
 
 @dataclasses.dataclass
