@@ -15,10 +15,15 @@ namespace fusedcomm {
 namespace ffi = tvm::ffi;
 
 // Raise ValueError / TypeError with "<op>: <message>" unless `cond` holds.
+// (The if/else form keeps a following `else` from binding to the check.)
 #define FC_CHECK_VALUE(cond, op) \
-  if (!(cond)) TVM_FFI_THROW(ValueError) << op << ": "
+  if (cond) {                    \
+  } else                         \
+    TVM_FFI_THROW(ValueError) << op << ": "
 #define FC_CHECK_TYPE(cond, op) \
-  if (!(cond)) TVM_FFI_THROW(TypeError) << op << ": "
+  if (cond) {                   \
+  } else                        \
+    TVM_FFI_THROW(TypeError) << op << ": "
 
 #define FC_CUDA_CHECK(stmt, op)                                                        \
   do {                                                                                 \
@@ -54,6 +59,12 @@ inline int64_t nbytes(const ffi::TensorView& t) {
 
 inline void* data_of(const ffi::TensorView& t) {
   return static_cast<char*>(t.data_ptr()) + t.byte_offset();
+}
+
+// True when [a, a + n) and [b, b + n) share a byte.
+inline bool overlaps(const void* a, const void* b, int64_t n) {
+  const auto x = reinterpret_cast<uintptr_t>(a), y = reinterpret_cast<uintptr_t>(b);
+  return x < y + static_cast<uintptr_t>(n) && y < x + static_cast<uintptr_t>(n);
 }
 
 inline cudaStream_t stream_for(int device) {

@@ -5,6 +5,7 @@
 // own-buffer-pointer -> record, inputs captured in CUDA graphs awaiting registration, and the
 // IPC mappings it opened. Bindings validate, pick device and stream, then launch.
 #include <cmath>
+#include <memory>
 
 #include "vllm_handle.h"
 
@@ -37,7 +38,8 @@ int64_t vllm_init_custom_ar(ffi::Array<int64_t> ipc_ptrs, ffi::TensorView rank_d
   FC_CHECK_VALUE(std::isfinite(timeout_s) && timeout_s > 0, op)
       << "timeout_s (" << timeout_s << ") must be > 0";
   for (int64_t q = 0; q < world; ++q) {
-    FC_CHECK_VALUE(ipc_ptrs[q] != 0, op) << "ipc_tensors[" << q << "] is a null pointer";
+    FC_CHECK_VALUE(ipc_ptrs[q] != 0 && ipc_ptrs[q] % 16 == 0, op)
+        << "ipc_tensors[" << q << "] (" << ipc_ptrs[q] << ") must be non-null and 16-byte aligned";
   }
   auto* h = new VllmHandle();
   h->rank = static_cast<int>(rank);
@@ -50,10 +52,8 @@ int64_t vllm_init_custom_ar(ffi::Array<int64_t> ipc_ptrs, ffi::TensorView rank_d
   h->capacity = nbytes(rank_data) / static_cast<int64_t>(sizeof(RankPointers));
   h->failure.claim = reinterpret_cast<int32_t*>(failure_claim);
   h->failure.record = reinterpret_cast<FailureRecord*>(failure_record);
-  h->timeout_ns = static_cast<uint64_t>(timeout_s * 1e9);
-  std::lock_guard<std::mutex> lock(g_mutex);
-  g_handles.insert(h);
-  return reinterpret_cast<int64_t>(h);
+  h->timeout_ns = timeout_s >= 1e9 ? uint64_t(1e18) : static_cast<uint64_t>(timeout_s * 1e9);
+  return add_handle(h);
 }
 
 void vllm_register_buffer(int64_t fa, ffi::Array<int64_t> ptrs) {
@@ -70,7 +70,7 @@ void vllm_register_buffer(int64_t fa, ffi::Array<int64_t> ptrs) {
   const void* own = mapped[h->rank];
   auto it = h->registered.find(own);
   RankPointers* record = it != h->registered.end() ? it->second : take_record(h, op);
-  write_record(record, mapped, op);
+  write_record(record, mapped, h->device, op);
   h->registered[own] = record;
 }
 
@@ -106,23 +106,31 @@ void vllm_all_reduce(int64_t fa, ffi::TensorView inp, ffi::TensorView out, int64
   DeviceScope scope(h->device, op);
   cudaStream_t stream = stream_for(h->device);
   AllReduceArgs a{};
+  const void* reg = reinterpret_cast<const void*>(reg_buffer);
   if (reg_buffer != 0) {
     FC_CHECK_VALUE(bytes <= reg_buffer_bytes, op) << "inp (" << bytes << " bytes) is larger than "
                                                   << "reg_buffer (" << reg_buffer_bytes << " bytes)";
-    auto it = h->registered.find(reinterpret_cast<const void*>(reg_buffer));
+    auto it = h->registered.find(reg);
     FC_CHECK_VALUE(it != h->registered.end(), op)
         << "reg_buffer (" << reg_buffer << ") is not registered; call vllm_register_buffer first";
+    FC_CHECK_VALUE(!overlaps(out_ptr, reg, bytes), op) << "out must not overlap reg_buffer";
+    FC_CHECK_VALUE(in_ptr == reg || !overlaps(in_ptr, reg, bytes), op)
+        << "inp overlaps reg_buffer without starting at it";
     a.inputs = it->second;
-    if (bytes <= kStageInKernelMaxBytes) {
+    if (in_ptr == reg) {
+      // already in the registered buffer: read in place
+    } else if (bytes <= kStageInKernelMaxBytes) {
       a.stage_from = in_ptr;  // the kernel copies, one launch in all
     } else {                  // large: a full-GPU copy first is faster than 36 blocks copying
       void* own = const_cast<void*>(reinterpret_cast<const void*>(reg_buffer));
       FC_CUDA_CHECK(cudaMemcpyAsync(own, in_ptr, bytes, cudaMemcpyDeviceToDevice, stream), op);
     }
   } else {
+    // peers read inp in place, so out must not overlap it
+    FC_CHECK_VALUE(!overlaps(in_ptr, out_ptr, bytes), op)
+        << "out must not overlap inp when inp is read in place (registered or captured)";
     auto it = h->registered.find(in_ptr);
     if (it != h->registered.end()) {
-      FC_CHECK_VALUE(in_ptr != out_ptr, op) << "out must not alias a registered inp";
       a.inputs = it->second;
     } else {
       cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
@@ -156,14 +164,12 @@ void vllm_all_reduce(int64_t fa, ffi::TensorView inp, ffi::TensorView out, int64
 
 void vllm_dispose(int64_t fa) {
   constexpr const char* op = "vllm_dispose";
-  VllmHandle* h = handle_of(fa, op);
-  {
-    std::lock_guard<std::mutex> lock(g_mutex);
-    g_handles.erase(h);
-  }
+  VllmHandle* h = handle_of(fa, op, /*remove=*/true);
+  std::unique_ptr<VllmHandle> owned(h);
   DeviceScope scope(h->device, op);
+  // Kernels still queued may read through the mappings: let them finish first.
+  FC_CUDA_CHECK(cudaDeviceSynchronize(), op);
   for (auto& entry : h->opened) cudaIpcCloseMemHandle(entry.second);
-  delete h;
 }
 
 }  // namespace fusedcomm

@@ -72,9 +72,10 @@ void vllm_register_graph_buffers(int64_t fa, ffi::Array<ffi::Array<int64_t>> han
         FC_CUDA_CHECK(cudaIpcOpenMemHandle(&base, ipc, cudaIpcMemLazyEnablePeerAccess), op);
         it = h->opened.emplace(key, static_cast<char*>(base)).first;
       }
+      FC_CHECK_VALUE(offsets[q][i] >= 0, op) << "rank " << q << " sent a negative offset";
       ptrs[q] = it->second + offsets[q][i];
     }
-    write_record(h->pending_graph_inputs[i].second, ptrs, op);
+    write_record(h->pending_graph_inputs[i].second, ptrs, h->device, op);
   }
   h->pending_graph_inputs.clear();
 }

@@ -12,7 +12,8 @@
 
 namespace fusedcomm {
 
-
+// One handle per communicator. Calls on one handle must come from one thread at a time (the
+// state below is not locked); the registry of live handles is.
 struct VllmHandle {
   int rank = 0;
   int world = 0;
@@ -30,14 +31,27 @@ struct VllmHandle {
   uint64_t timeout_ns = 0;
 };
 
+// Live handles by id. Ids count up from 1 and are never reused, so a stale id never names a
+// newer handle.
 inline std::mutex g_mutex;
-inline std::unordered_set<VllmHandle*> g_handles;
+inline std::unordered_map<int64_t, VllmHandle*> g_handles;
+inline int64_t g_next_id = 1;
 
-inline VllmHandle* handle_of(int64_t fa, const char* op) {
-  auto* h = reinterpret_cast<VllmHandle*>(fa);
+inline int64_t add_handle(VllmHandle* h) {
   std::lock_guard<std::mutex> lock(g_mutex);
-  FC_CHECK_VALUE(g_handles.count(h) != 0, op) << "fa (" << fa << ") is not a live handle "
-                                              << "(never created, or already disposed)";
+  const int64_t id = g_next_id++;
+  g_handles.emplace(id, h);
+  return id;
+}
+
+// The live handle `fa`; with `remove`, also take it out of the registry (atomically).
+inline VllmHandle* handle_of(int64_t fa, const char* op, bool remove = false) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  auto it = g_handles.find(fa);
+  FC_CHECK_VALUE(it != g_handles.end(), op) << "fa (" << fa << ") is not a live handle "
+                                            << "(never created, or already disposed)";
+  VllmHandle* h = it->second;
+  if (remove) g_handles.erase(it);
   return h;
 }
 
@@ -65,10 +79,14 @@ inline RankPointers* take_record(VllmHandle* h, const char* op) {
   return h->records + h->used++;
 }
 
-inline void write_record(RankPointers* record, const std::vector<const void*>& ptrs, const char* op) {
+// Writes one pointer record, ordered with the work already queued on the current stream.
+inline void write_record(RankPointers* record, const std::vector<const void*>& ptrs, int device,
+                         const char* op) {
   RankPointers host{};
   for (size_t q = 0; q < ptrs.size(); ++q) host.ptrs[q] = ptrs[q];
-  FC_CUDA_CHECK(cudaMemcpy(record, &host, sizeof(host), cudaMemcpyHostToDevice), op);
+  cudaStream_t stream = stream_for(device);
+  FC_CUDA_CHECK(cudaMemcpyAsync(record, &host, sizeof(host), cudaMemcpyHostToDevice, stream), op);
+  FC_CUDA_CHECK(cudaStreamSynchronize(stream), op);
 }
 
 }  // namespace fusedcomm

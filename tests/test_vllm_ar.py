@@ -139,6 +139,8 @@ def _rank_timeout(rank, world):
             comm.check_errors()
         assert info.value.peer == 1 and info.value.rank == 0
         assert torch.ones(4, device="cuda").sum().item() == 4.0  # the context is still usable
+        with pytest.raises(RuntimeError, match="created before a peer timeout"):
+            c.all_reduce(x)  # its counters are out of step: refused, not silently wrong
     dist.barrier()
     comm.vllm_dispose(c.fa)
     # a fresh communicator works after the failure

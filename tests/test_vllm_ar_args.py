@@ -83,6 +83,8 @@ def test_all_reduce_rejects_bad_inputs(handle):
         (ValueError, "not a registered buffer", lambda: comm.vllm_all_reduce(fa, x, torch.empty_like(x), 0, 0, 1)),
         (ValueError, "aligned", lambda: comm.vllm_all_reduce(fa, x[4:12], torch.empty(8, device="cuda", dtype=x.dtype), reg, 4096, 1)),
         (ValueError, "cuda:", lambda: comm.vllm_all_reduce(fa, x.cpu(), torch.empty_like(x), reg, 4096, 1)),
+        (ValueError, "must not overlap inp", lambda: comm.vllm_all_reduce(fa, x, x, 0, 0, 1)),
+        (ValueError, "must not overlap reg_buffer", lambda: comm.vllm_all_reduce(fa, x, buf.view(torch.bfloat16)[:64], reg, 4096, 1)),
     ]
     for exc, match, call in cases:
         with pytest.raises(exc, match=match):

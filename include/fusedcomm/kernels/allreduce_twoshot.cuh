@@ -2,8 +2,8 @@
 //
 // The message is cut into `world` contiguous parts; part k = packs [k*part, k*part + size_k),
 // the last part also takes the remainder.
-//   stage (optional): copy own input into the shared buffer (for every part, the packs this
-//                     block's peers will read)
+//   stage (optional): copy own input into the shared buffer (for every other rank's part,
+//                     the packs that rank's same-index block will read)
 //   meet (release)  : staged packs are visible
 //   reduce-scatter  : rank r sums part r over all ranks (rank order, fp32) into its scratch
 //                     (right after its signal header) and into out
@@ -31,8 +31,10 @@ __global__ void __launch_bounds__(kAllReduceMaxThreads, 1) allreduce_twoshot(All
   if (a.stage_from != nullptr) {
     void* shared = const_cast<void*>(a.inputs->ptrs[a.rank]);
     for (int64_t i = first; i < last_size; i += stride) {
-      for (int k = 0; k < world; ++k) {
-        if (i < part_size(k)) store_pack<T>(shared, k * part + i, load_pack<T>(a.stage_from, k * part + i));
+      for (int k = 0; k < world; ++k) {  // part `rank` is read from stage_from directly
+        if (k != a.rank && i < part_size(k)) {
+          store_pack<T>(shared, k * part + i, load_pack<T>(a.stage_from, k * part + i));
+        }
       }
     }
   }

@@ -28,7 +28,7 @@ from ..runtime.failures import check_device, failure_state
 from ._register import register_op, tracing
 
 _ALGORITHMS = {"auto": 0, "oneshot": 1, "twoshot": 2}
-_devices: dict[int, int] = {}  # live handle -> device
+_handles: dict[int, tuple] = {}  # live handle -> (device, FailureState, failure count at creation)
 
 
 _loaded = None
@@ -51,9 +51,19 @@ def _as_ptr(op: str, value) -> int:
 
 def _handle_device(op: str, fa: int) -> int:
     try:
-        return _devices[fa]
+        return _handles[fa][0]
     except (KeyError, TypeError):
         raise ValueError(f"{op}: fa ({fa!r}) is not a live handle (never created, or disposed)") from None
+
+
+def _refuse_if_failed(op: str, fa: int) -> None:
+    device, state, failures = _handles[fa]
+    check_device(device)
+    if state.failures != failures:
+        raise RuntimeError(
+            f"{op}: handle {fa} was created before a peer timeout on cuda:{device}; its signal "
+            "counters may be out of step with its peers'. Dispose it and create a new one over "
+            "fresh (zeroed) meta buffers on every rank.")
 
 
 def vllm_meta_size() -> int:
@@ -68,7 +78,7 @@ def _init_impl(ipc_tensors: list[int], rank_data: torch.Tensor, rank: int, full_
         ipc_tensors, rank_data, rank, full_nvlink, state.claim_ptr, state.record_device_ptr,
         timeout_s,
     ))
-    _devices[fa] = rank_data.device.index
+    _handles[fa] = (rank_data.device.index, state, state.failures)
     return fa
 
 
@@ -110,10 +120,9 @@ def vllm_register_buffer(fa: int, fake_ipc_ptrs) -> None:
 
 def _all_reduce_impl(fa: int, inp: torch.Tensor, out: torch.Tensor, reg_buffer: int,
                      reg_buffer_sz_bytes: int, num_ctas: int, algorithm: int = 0) -> None:
-    device = _devices.get(fa)
-    if device is None:
+    if fa not in _handles:
         _handle_device("vllm_all_reduce", fa)
-    check_device(device)
+    _refuse_if_failed("vllm_all_reduce", fa)
     (_loaded or _module()).vllm_all_reduce(fa, inp, out, reg_buffer, reg_buffer_sz_bytes, num_ctas, algorithm)
 
 
@@ -179,7 +188,7 @@ def vllm_dispose(fa: int) -> None:
     op = "vllm_dispose"
     _handle_device(op, fa)
     _module().vllm_dispose(fa)
-    _devices.pop(fa, None)
+    _handles.pop(fa, None)
 
 
 def _register_control_ops() -> None:

@@ -59,6 +59,9 @@ class FailureState:
         claim, host, mapped = (int(v) for v in self._module.failure_state_create(device))
         self.claim_ptr, self.record_host_ptr, self.record_device_ptr = claim, host, mapped
         self._code = ctypes.c_int32.from_address(host)
+        # Counts the failures raised on this device. A communicator remembers the count at its
+        # creation; once it differs, its shared counters may be out of step with its peers'.
+        self.failures = 0
 
     def failed(self) -> bool:
         return self._code.value != 0
@@ -78,10 +81,12 @@ class FailureState:
             f"{op}: rank {fields['peer']} did not arrive within {timeout_ns / 1e9:g} s "
             f"(this rank {fields['rank']} of {world}, phase {phase}, block {fields['block']}, "
             f"waited {waited_ns / 1e9:.3f} s, flag expected {fields['expected']}, "
-            f"observed {fields['observed']}). The communicator is no longer usable: dispose "
-            f"it and create a new one."
+            f"observed {fields['observed']}). Communicators of this device created before "
+            f"this error are no longer usable: dispose them and create new ones over fresh "
+            f"(zeroed) signal buffers on every rank."
         )
         self._module.failure_state_reset(self.device, self.claim_ptr, self.record_host_ptr)
+        self.failures += 1
         raise PeerTimeoutError(
             message, op=op, rank=fields["rank"], peer=fields["peer"], phase=phase,
             waited_s=waited_ns / 1e9,
