@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import Distribution, setup
 from setuptools.command.build_py import build_py
 
 HERE = Path(__file__).resolve().parent
@@ -42,5 +42,12 @@ class BuildWithKernels(build_py):
             shutil.rmtree(build_dir)
 
 
-setup(version=VERSION, cmdclass={"build_py": BuildWithKernels},
+class BinaryDistribution(Distribution):
+    """The wheel holds machine code: tag it for this platform, not py3-none-any."""
+
+    def has_ext_modules(self):
+        return True
+
+
+setup(version=VERSION, cmdclass={"build_py": BuildWithKernels}, distclass=BinaryDistribution,
       package_data={"fusedcomm_jit_cache": ["modules/*/*.so", "modules/manifest.json"]})

@@ -4,7 +4,8 @@
 # the wheels in .gpu-bundle/wheels for packages the host lacks (no registry there).
 #   usage: scripts/gpu_test.sh OUTDIR
 set -uo pipefail
-out=${1:?usage: scripts/gpu_test.sh OUTDIR}
+out=${1:?usage: scripts/gpu_test.sh OUTDIR [pytest args]}
+shift
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 mkdir -p "$out"
@@ -48,4 +49,6 @@ except (OSError, ValueError):
 bench_ok = bench_rc == 0 and exact
 print(f"benchmarks: {'ok' if bench_ok else 'FAILED'} (exit {bench_rc}, results exact vs NCCL: {exact})")
 print(f"{passed + bench_ok} passed, {failed + (not bench_ok)} failed, {skipped} skipped")
+sys.exit(1 if failed or not bench_ok else 0)
 PY
+exit "${PIPESTATUS[0]}"

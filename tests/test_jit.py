@@ -200,3 +200,44 @@ def test_prebuilt_package_is_preferred_when_versions_match(tiny, tmp_path, monke
     with pytest.warns(UserWarning, match="does not match fusedcomm"):
         with pytest.raises(MissingModuleError):
             locate(spec, ARCH)
+
+
+def test_key_follows_bracketed_and_csrc_includes(tiny):
+    spec, header = tiny
+    (spec.csrc_dir / "local.h").write_text("#pragma once\n")
+    header.write_text('#pragma once\n#include "local.h"\n#include <tiny/more.h>\nconstexpr long kAnswer = 41;\n')
+    (header.parent / "more.h").write_text("#pragma once\n")
+    deps = {p.name for p in spec.dependencies()}
+    assert {"local.h", "more.h", "answer.h", "tiny.cu"} <= deps
+
+
+@needs_nvcc
+def test_cache_found_without_nvcc_and_dirs_private(tiny, monkeypatch):
+    import fusedcomm
+    from fusedcomm.jit import build, loader
+
+    spec, _ = tiny
+    built = locate(spec, ARCH)
+    version_dir = built.parents[1]
+    assert version_dir.name == fusedcomm.__version__
+    assert oct(version_dir.stat().st_mode & 0o777) == "0o700"  # every level, not just the leaf
+
+    def no_nvcc():
+        raise build.BuildError("no nvcc here")
+
+    monkeypatch.setattr(loader, "find_nvcc", no_nvcc)
+    assert locate(spec, ARCH) == built
+
+
+@needs_nvcc
+def test_group_writable_prebuilt_is_skipped_with_a_warning(tiny, tmp_path, monkeypatch):
+    spec, _ = tiny
+    out = tmp_path / "aot"
+    monkeypatch.setattr(aot, "get_spec", lambda name: spec)
+    aot.build_all([ARCH], out, ["tiny"])
+    os.chmod(out / ARCH / "tiny.so", 0o775)
+    monkeypatch.setenv("FUSEDCOMM_AOT_DIR", str(out))
+    monkeypatch.setenv("FUSEDCOMM_NO_JIT", "1")
+    with pytest.warns(UserWarning, match="chmod go-w"):
+        with pytest.raises(MissingModuleError):
+            locate(spec, ARCH)

@@ -52,3 +52,15 @@ def test_initialize_all_counts_bytes():
     for b, old in zip(bufs, before):
         assert torch.all(b[:4096].view(torch.int16) == -32768)  # 4096 bytes, not elements
         assert torch.equal(b[4096:], old[4096:])
+
+
+def test_refuses_inside_torch_compile():
+    import torch._dynamo
+
+    def fill(x):
+        comm.trtllm_lamport_initialize(1 << 20, 16, torch.float16)
+        return x + 1
+
+    with pytest.raises(Exception, match="outside torch.compile"):
+        torch.compile(fill, backend="eager", fullgraph=True)(torch.ones(2))
+    torch._dynamo.reset()

@@ -22,7 +22,11 @@ def _modules_status() -> list[str]:
         return [f"  (no target architecture: {e})"]
     lines = []
     for name, spec in ALL_SPECS.items():
-        prebuilt = find_prebuilt(spec, arch)
+        try:
+            prebuilt = find_prebuilt(spec, arch)
+        except (OSError, RuntimeError) as e:
+            lines.append(f"  {name:10s} {arch}: cannot check prebuilt modules: {e}")
+            continue
         if prebuilt is not None:
             lines.append(f"  {name:10s} {arch}: prebuilt ({prebuilt})")
             continue
@@ -97,6 +101,10 @@ def bench(args) -> int:
 
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     world = args.world or n
+    if args.world and (args.world < 2 or args.world > max(n, 2)):
+        print(f"fusedcomm bench: --world {args.world} needs 2..{max(n, 2)} ranks "
+              f"({n} CUDA GPU(s) visible)", file=sys.stderr)
+        return 2
     if n < 2 or world < 2:
         from .bench.foundation import cpu_rendezvous_rank
 

@@ -50,10 +50,17 @@ def quiet_build() -> bool:
     return _flag("FUSEDCOMM_QUIET_BUILD")
 
 
+def _number(name: str, value: str, kind):
+    try:
+        return kind(value)
+    except ValueError:
+        raise ValueError(f"{name} ({value!r}) must be a {kind.__name__}") from None
+
+
 def build_jobs() -> int:
     value = os.environ.get("FUSEDCOMM_BUILD_JOBS")
     if value:
-        jobs = int(value)
+        jobs = _number("FUSEDCOMM_BUILD_JOBS", value, int)
         if jobs < 1:
             raise ValueError(f"FUSEDCOMM_BUILD_JOBS ({jobs}) must be >= 1")
         return jobs
@@ -65,7 +72,7 @@ def nvcc_override() -> str | None:
 
 
 def default_timeout_s() -> float:
-    value = float(os.environ.get("FUSEDCOMM_TIMEOUT_S", "30"))
+    value = _number("FUSEDCOMM_TIMEOUT_S", os.environ.get("FUSEDCOMM_TIMEOUT_S", "30"), float)
     if not value > 0:
         raise ValueError(f"FUSEDCOMM_TIMEOUT_S ({value}) must be > 0")
     return value

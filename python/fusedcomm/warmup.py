@@ -7,11 +7,13 @@ from collections.abc import Iterable
 from .jit import ALL_SPECS, get_spec, load
 
 
-def warmup(modules: Iterable[str] | None = None, arch: str | None = None) -> list[str]:
+def warmup(modules: str | Iterable[str] | None = None, arch: str | None = None) -> list[str]:
     """Load (building where needed) the named modules, default all; returns their names.
 
     ``arch`` defaults to the current GPU's architecture ("9.0a" on H100/H200).
     """
+    if isinstance(modules, str):
+        modules = [modules]
     names = list(modules) if modules is not None else list(ALL_SPECS)
     specs = [get_spec(n) for n in names]
     for spec in specs:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -47,7 +48,9 @@ def build_all(archs: list[str], out: Path, names: list[str]) -> dict[str, dict[s
             elapsed = build_into(spec, arch, dest, build_root=out / ".build" / arch)
             times.setdefault(arch, {})[spec.name] = elapsed or 0.0
             manifest.setdefault("modules", {}).setdefault(arch, {})[spec.name] = source_hash
-            manifest_path.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+            tmp = manifest_path.with_name(f".{MANIFEST}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+            os.replace(tmp, manifest_path)  # readers never see half a manifest
     return times
 
 

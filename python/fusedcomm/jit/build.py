@@ -14,16 +14,8 @@ from filelock import FileLock
 
 from .. import envs
 from .paths import tvm_ffi_include_dirs, tvm_ffi_lib_dir
-from .spec import JitSpec, gencode_flag, sm_name
+from .spec import BASE_CUDA_FLAGS, BASE_LDFLAGS, JitSpec, gencode_flag, sm_name
 
-COMMON_CUDA_FLAGS = (
-    "-std=c++17",
-    "-O3",
-    "-Xcompiler=-fPIC",
-    "-Xcompiler=-fvisibility=hidden",
-    "--expt-relaxed-constexpr",
-    "-lineinfo",
-)
 
 
 class BuildError(RuntimeError):
@@ -32,7 +24,11 @@ class BuildError(RuntimeError):
 
 def find_nvcc() -> str:
     override = envs.nvcc_override()
-    candidates = [override] if override else []
+    if override:
+        if Path(override).is_file() and os.access(override, os.X_OK):
+            return override
+        raise BuildError(f"fusedcomm: FUSEDCOMM_NVCC ({override}) is not an executable file")
+    candidates = []
     candidates.append(shutil.which("nvcc"))
     for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
         if home:
@@ -49,7 +45,8 @@ def find_nvcc() -> str:
 
 @functools.cache
 def nvcc_version(nvcc: str | None = None) -> str:
-    out = subprocess.run([nvcc or find_nvcc(), "--version"], capture_output=True, text=True)
+    nvcc = nvcc or find_nvcc()
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True)
     if out.returncode != 0:
         raise BuildError(f"fusedcomm: '{nvcc} --version' failed: {out.stderr.strip()}")
     return out.stdout.strip().splitlines()[-1]
@@ -59,12 +56,15 @@ def _ninja_path() -> str:
     try:
         import ninja
 
-        return str(Path(ninja.BIN_DIR) / "ninja")
+        bundled = Path(ninja.BIN_DIR) / "ninja"
+        if bundled.is_file():
+            return str(bundled)
     except ImportError:
-        found = shutil.which("ninja")
-        if not found:
-            raise BuildError("fusedcomm: ninja is missing (pip install ninja)") from None
-        return found
+        pass
+    found = shutil.which("ninja")
+    if not found:
+        raise BuildError("fusedcomm: ninja is missing (pip install ninja)")
+    return found
 
 
 def _ninja_escape(path: str) -> str:
@@ -74,12 +74,12 @@ def _ninja_escape(path: str) -> str:
 def ninja_file(spec: JitSpec, arch: str, output: Path) -> str:
     includes = [str(spec.include_dir), str(spec.csrc_dir), *tvm_ffi_include_dirs()]
     cflags = [
-        *COMMON_CUDA_FLAGS,
+        *BASE_CUDA_FLAGS,
         gencode_flag(arch),
         *spec.cuda_cflags,
         *(f"-I{d}" for d in includes),
     ]
-    ldflags = ["-shared", "-cudart=static", f"-L{tvm_ffi_lib_dir()}", "-ltvm_ffi", *spec.ldflags]
+    ldflags = [*BASE_LDFLAGS, f"-L{tvm_ffi_lib_dir()}", *spec.ldflags]
     lines = [
         "ninja_required_version = 1.3",
         f"nvcc = {find_nvcc()}",
@@ -118,7 +118,7 @@ def _say(msg: str) -> None:
 
 def compile_spec(spec: JitSpec, arch: str, build_dir: Path, output: Path) -> float:
     """Run ninja for one module; returns the elapsed seconds. Raises BuildError on failure."""
-    build_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dirs(build_dir)
     (build_dir / "build.ninja").write_text(ninja_file(spec, arch, output))
     jobs = min(envs.build_jobs(), len(spec.units))
     n = len(spec.units)
@@ -149,18 +149,37 @@ def compile_spec(spec: JitSpec, arch: str, build_dir: Path, output: Path) -> flo
     return elapsed
 
 
+def private_dirs(path: Path) -> None:
+    """Create ``path`` and every missing parent with mode 0700 (not just the last level)."""
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            pass
+
+
 def build_into(spec: JitSpec, arch: str, dest: Path, build_root: Path) -> float | None:
     """Build ``spec`` and install it at ``dest`` atomically, once across processes.
 
     Several processes may ask at once: one holds the lock and builds, the others wait and
-    find the finished file. Returns the build time, or None when another process built it.
+    find the finished file. Each build runs in a folder of its own (removed afterwards), so a
+    builder killed mid-way cannot share object files with the next one. Returns the build
+    time, or None when another process built it.
     """
     dest, build_root = dest.resolve(), build_root.resolve()
-    dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dirs(dest.parent)
     with FileLock(str(dest) + ".lock"):
         if dest.exists():
             return None
-        build_dir = build_root / f"{dest.stem}.build"
+        build_dir = build_root / f"{dest.stem}.{os.getpid()}.build"
+        if build_dir.exists():
+            shutil.rmtree(build_dir)
+        private_dirs(build_dir)
         tmp_output = build_dir / f"{spec.name}.so"
         elapsed = compile_spec(spec, arch, build_dir, tmp_output)
         staged = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
@@ -169,4 +188,5 @@ def build_into(spec: JitSpec, arch: str, dest: Path, build_root: Path) -> float 
         with open(staged, "rb") as f:
             os.fsync(f.fileno())
         os.replace(staged, dest)
+        shutil.rmtree(build_dir, ignore_errors=True)
         return elapsed

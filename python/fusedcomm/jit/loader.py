@@ -12,7 +12,6 @@ installation is skipped, so a stale prebuilt module is never loaded.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import stat
@@ -21,7 +20,7 @@ import warnings
 from pathlib import Path
 
 from .. import __version__, envs
-from .build import build_into, find_nvcc, nvcc_version
+from .build import BuildError, build_into, find_nvcc, nvcc_version, private_dirs
 from .spec import JitSpec
 
 MANIFEST = "manifest.json"
@@ -94,7 +93,6 @@ def _prebuilt_dirs() -> list[tuple[str, Path]]:
     return found
 
 
-@functools.cache
 def _read_manifest(directory: Path) -> dict:
     try:
         return json.loads((directory / MANIFEST).read_text())
@@ -111,11 +109,16 @@ def find_prebuilt(spec: JitSpec, arch: str) -> Path | None:
         expected = _read_manifest(directory).get("modules", {}).get(arch, {}).get(spec.name)
         if expected != spec.source_hash(arch):
             warnings.warn(
-                f"fusedcomm: {label} module {path} was built from other sources; skipping it",
+                f"fusedcomm: {label} module {path} was built from other sources (or for another "
+                f"machine or TVM-FFI); skipping it",
                 stacklevel=3,
             )
             continue
-        check_safe(path, trust_root=True)
+        try:
+            check_safe(path, trust_root=True)
+        except UnsafeModuleError as e:
+            warnings.warn(f"{e}; skipping it (chmod go-w {path.parent} to use it)", stacklevel=3)
+            continue
         return path
     return None
 
@@ -125,8 +128,31 @@ def jit_cache_path(spec: JitSpec, arch: str) -> Path:
     return envs.cache_dir() / __version__ / arch / f"{spec.name}-{key}.so"
 
 
-def _ensure_private_dir(path: Path) -> None:
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+def _sidecar(path: Path) -> Path:
+    return path.with_suffix(".json")
+
+
+def _cached_without_nvcc(spec: JitSpec, arch: str) -> Path | None:
+    """With no compiler here, a cached module built from these very sources (any nvcc)."""
+    folder = envs.cache_dir() / __version__ / arch
+    wanted = spec.source_hash(arch)
+    for side in sorted(folder.glob(f"{spec.name}-*.json")):
+        try:
+            if json.loads(side.read_text()).get("source_hash") == wanted:
+                so = side.with_suffix(".so")
+                if so.is_file():
+                    return so
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def check_private_tree(root: Path, path: Path) -> None:
+    """Every folder from ``root`` down to ``path``'s folder is ours and not group/world-writable."""
+    folder = path.parent
+    chain = [folder, *[p for p in folder.parents if root in (p, *p.parents)]]
+    for d in chain:
+        check_safe(d)
 
 
 def locate(spec: JitSpec, arch: str, *, allow_build: bool = True) -> Path:
@@ -134,19 +160,43 @@ def locate(spec: JitSpec, arch: str, *, allow_build: bool = True) -> Path:
     prebuilt = find_prebuilt(spec, arch)
     if prebuilt is not None:
         return prebuilt
-    if envs.no_jit() or not allow_build:
-        raise MissingModuleError(
-            f"fusedcomm: module {spec.name} for {arch} is not prebuilt and building is off "
-            f"(FUSEDCOMM_NO_JIT=1). Add it to the prebuilt set: "
-            f"python -m fusedcomm.jit.aot --arch {arch} --modules {spec.name}"
-        )
-    dest = jit_cache_path(spec, arch)
     root = envs.cache_dir()
-    _ensure_private_dir(root)
-    if not dest.exists():
-        build_into(spec, arch, dest, build_root=dest.parent / "build")
+    try:
+        dest = jit_cache_path(spec, arch)
+    except BuildError:
+        cached = _cached_without_nvcc(spec, arch)
+        if cached is not None:
+            check_private_tree(root, cached)
+            check_safe(cached)
+            return cached
+        if envs.no_jit() or not allow_build:
+            raise MissingModuleError(_missing_message(spec, arch)) from None
+        raise
+    if dest.exists():
+        check_private_tree(root, dest)
+        check_safe(dest)
+        return dest
+    if envs.no_jit() or not allow_build:
+        raise MissingModuleError(_missing_message(spec, arch))
+    private_dirs(dest.parent)
+    check_private_tree(root, dest)
+    build_into(spec, arch, dest, build_root=dest.parent / "build")
+    side = _sidecar(dest)
+    if not side.exists():
+        tmp = side.with_name(f".{side.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"source_hash": spec.source_hash(arch),
+                                   "nvcc": nvcc_version(find_nvcc())}))
+        os.replace(tmp, side)
     check_safe(dest)
     return dest
+
+
+def _missing_message(spec: JitSpec, arch: str) -> str:
+    return (
+        f"fusedcomm: module {spec.name} for {arch} is not prebuilt and building is off "
+        f"(FUSEDCOMM_NO_JIT=1, or no nvcc). Add it to the prebuilt set: "
+        f"python -m fusedcomm.jit.aot --arch {arch} --modules {spec.name}"
+    )
 
 
 _lock = threading.Lock()

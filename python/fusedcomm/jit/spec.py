@@ -10,13 +10,37 @@ ours that a unit includes (followed transitively), and, for the JIT cache, the n
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import platform
 import re
 from pathlib import Path
 
 from .paths import CSRC_DIR, INCLUDE_DIR
 
-_INCLUDE_RE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
+# Quoted and bracketed includes; only those found under our own folders count.
+_INCLUDE_RE = re.compile(r'^\s*#\s*include\s+(?:"([^"]+)"|<([^>]+)>)', re.MULTILINE)
+
+# Flags every module is compiled and linked with (the spec adds its own).
+BASE_CUDA_FLAGS = (
+    "-std=c++17",
+    "-O3",
+    "-Xcompiler=-fPIC",
+    "-Xcompiler=-fvisibility=hidden",
+    "--expt-relaxed-constexpr",
+    "-lineinfo",
+)
+BASE_LDFLAGS = ("-shared", "-cudart=static", "-ltvm_ffi")
+
+
+@functools.cache
+def _toolchain_facts() -> tuple[str, ...]:
+    """What else the binary depends on: the TVM-FFI it links against and the machine type."""
+    try:
+        from tvm_ffi import __version__ as tvm_ffi_version
+    except ImportError:
+        tvm_ffi_version = "missing"
+    return (f"tvm_ffi={tvm_ffi_version}", f"machine={platform.machine()}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,14 +82,16 @@ class JitSpec:
 
     def dependencies(self) -> list[Path]:
         """Every file of ours the build reads: the sources and their included headers."""
-        return _collect_includes(self.source_paths(), self.include_dir)
+        return _collect_includes(self.source_paths(), self.include_dir, self.csrc_dir)
 
     def source_hash(self, arch: str) -> str:
         """Hash of everything but the compiler: used to check prebuilt modules."""
         h = hashlib.sha256()
         from .. import __version__
 
-        for part in (__version__, self.name, arch, *self.cuda_cflags, "|", *self.ldflags):
+        parts = (__version__, self.name, arch, *_toolchain_facts(), *BASE_CUDA_FLAGS, "|",
+                 *self.cuda_cflags, "|", *BASE_LDFLAGS, "|", *self.ldflags)
+        for part in parts:
             h.update(part.encode() + b"\0")
         for unit in self.units:
             h.update(f"{unit.source}:{','.join(unit.defines)}".encode() + b"\0")
@@ -89,7 +115,7 @@ def _relative_name(path: Path, roots: tuple[Path, ...]) -> str:
     return str(path)
 
 
-def _collect_includes(sources: list[Path], include_dir: Path) -> list[Path]:
+def _collect_includes(sources: list[Path], include_dir: Path, csrc_dir: Path) -> list[Path]:
     seen: dict[Path, None] = {}
     stack = list(sources)
     while stack:
@@ -99,8 +125,11 @@ def _collect_includes(sources: list[Path], include_dir: Path) -> list[Path]:
         if not path.is_file():
             raise FileNotFoundError(f"JitSpec: missing source or header {path}")
         seen[path] = None
-        for name in _INCLUDE_RE.findall(path.read_text()):
-            for base in (path.parent, include_dir):
+        for quoted, bracketed in _INCLUDE_RE.findall(path.read_text()):
+            name = quoted or bracketed
+            # nvcc's order: the including file's folder (quoted only), then -I include, -I csrc
+            bases = (path.parent, include_dir, csrc_dir) if quoted else (include_dir, csrc_dir)
+            for base in bases:
                 candidate = base / name
                 if candidate.is_file():
                     stack.append(candidate)

@@ -38,7 +38,7 @@ def _lamport_initialize_impl(buffer_ptr: int, size: int, dtype_bytes: int) -> No
     _fill("trtllm_lamport_initialize", buffer_ptr, size * dtype_bytes, dtype_bytes)
 
 
-_lamport_op = register_op(
+register_op(
     "trtllm_lamport_initialize(int buffer_ptr, int size, int dtype_bytes) -> ()",
     _lamport_initialize_impl,
 )
@@ -55,9 +55,11 @@ def trtllm_lamport_initialize(buffer_ptr: int, size: int, dtype: torch.dtype) ->
     if _check_int(op, "size", size) < 0:
         raise ValueError(f"{op}: size ({size}) must be >= 0")
     if tracing():
-        _lamport_op(buffer_ptr, size, elem)
-    else:
-        _lamport_initialize_impl(buffer_ptr, size, elem)
+        # A raw pointer gives torch.compile nothing to order the fill with, so a compiled graph
+        # could drop or reorder it: refuse rather than silently skip it.
+        raise NotImplementedError(f"{op}: call it outside torch.compile regions (setup code); "
+                                  "it fills raw device memory that the graph cannot see")
+    _lamport_initialize_impl(buffer_ptr, size, elem)
 
 
 def trtllm_lamport_initialize_all(

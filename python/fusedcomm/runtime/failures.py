@@ -56,6 +56,9 @@ class FailureState:
 
         self.device = device
         self._module = load_module("runtime")
+        size = int(self._module.failure_record_size())
+        if size != 64:
+            raise RuntimeError(f"fusedcomm: the failure record is {size} bytes; this module reads 64")
         claim, host, mapped = (int(v) for v in self._module.failure_state_create(device))
         self.claim_ptr, self.record_host_ptr, self.record_device_ptr = claim, host, mapped
         self._code = ctypes.c_int32.from_address(host)
@@ -114,7 +117,12 @@ def check_device(device: int) -> None:
 
 
 def check_errors(synchronize: bool = True) -> None:
-    """Raise the first recorded peer failure on any device (after a device sync by default)."""
+    """Raise the first recorded peer failure on any device (after a device sync by default).
+
+    Eager calls check before every launch, but replays of a CUDA graph run no Python: serving
+    loops that replay graphs should call this now and then (e.g. once per step, after the
+    step's own synchronisation) so that a lost peer surfaces as PeerTimeoutError.
+    """
     import torch
 
     for device, state in list(_states.items()):
