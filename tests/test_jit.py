@@ -65,6 +65,14 @@ def test_key_changes_with_header_flags_and_arch(tiny):
     assert header.resolve() in spec.dependencies()
 
 
+def _aot_build(spec, out, monkeypatch):
+    """Build ``spec`` ahead of time into ``out`` (as the AOT command would); no JIT afterwards."""
+    monkeypatch.setattr(aot, "get_spec", lambda name: spec)
+    times = aot.build_all([ARCH], out, ["tiny"])
+    monkeypatch.setenv("FUSEDCOMM_NO_JIT", "1")
+    return times
+
+
 def test_spec_validation():
     with pytest.raises(ValueError, match="lower_snake_case"):
         JitSpec("Bad-Name", (Unit("x.cu"),))
@@ -149,13 +157,11 @@ def test_no_jit_names_the_missing_spec(tiny, monkeypatch):
 def test_aot_dir_is_used_and_stale_modules_skipped(tiny, tmp_path, monkeypatch):
     spec, header = tiny
     out = tmp_path / "aot"
-    monkeypatch.setattr(aot, "get_spec", lambda name: spec)
-    times = aot.build_all([ARCH], out, ["tiny"])
+    times = _aot_build(spec, out, monkeypatch)
     assert times[ARCH]["tiny"] > 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["modules"][ARCH]["tiny"] == spec.source_hash(ARCH)
     monkeypatch.setenv("FUSEDCOMM_AOT_DIR", str(out))
-    monkeypatch.setenv("FUSEDCOMM_NO_JIT", "1")
     assert locate(spec, ARCH) == out / ARCH / "tiny.so"
     header.write_text("#pragma once\nconstexpr long kAnswer = 7;\n")  # sources moved on
     with pytest.warns(UserWarning, match="built from other sources"):
@@ -191,9 +197,7 @@ def test_prebuilt_package_is_preferred_when_versions_match(tiny, tmp_path, monke
 
     spec, _ = tiny
     out = tmp_path / "pkg_modules"
-    monkeypatch.setattr(aot, "get_spec", lambda name: spec)
-    aot.build_all([ARCH], out, ["tiny"])
-    monkeypatch.setenv("FUSEDCOMM_NO_JIT", "1")
+    _aot_build(spec, out, monkeypatch)
     _fake_cache_package(monkeypatch, fusedcomm.__version__, out)
     assert locate(spec, ARCH) == out / ARCH / "tiny.so"
     _fake_cache_package(monkeypatch, "0.0.0-other", out)
@@ -233,11 +237,9 @@ def test_cache_found_without_nvcc_and_dirs_private(tiny, monkeypatch):
 def test_group_writable_prebuilt_is_skipped_with_a_warning(tiny, tmp_path, monkeypatch):
     spec, _ = tiny
     out = tmp_path / "aot"
-    monkeypatch.setattr(aot, "get_spec", lambda name: spec)
-    aot.build_all([ARCH], out, ["tiny"])
+    _aot_build(spec, out, monkeypatch)
     os.chmod(out / ARCH / "tiny.so", 0o775)
     monkeypatch.setenv("FUSEDCOMM_AOT_DIR", str(out))
-    monkeypatch.setenv("FUSEDCOMM_NO_JIT", "1")
     with pytest.warns(UserWarning, match="chmod go-w"):
         with pytest.raises(MissingModuleError):
             locate(spec, ARCH)
