@@ -19,7 +19,7 @@ fi
 missing=$(python - <<'PY'
 import importlib.util
 need = {"tvm_ffi": "apache-tvm-ffi==0.1.15.post2", "ninja": "ninja", "filelock": "filelock",
-        "pytest": "pytest", "numpy": "numpy", "mpi4py": "mpich mpi4py"}
+        "pytest": "pytest", "mpi4py": "mpich mpi4py"}
 print(" ".join(v for k, v in need.items() if importlib.util.find_spec(k) is None))
 PY
 )
