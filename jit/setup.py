@@ -21,7 +21,7 @@ from setuptools.command.build_py import build_py
 HERE = Path(__file__).resolve().parent
 PYTHON_SRC = HERE.parent / "python"
 VERSION = re.search(r'__version__ = "([^"]+)"',
-                    (PYTHON_SRC / "fusedcomm" / "__init__.py").read_text()).group(1)
+                    (PYTHON_SRC / "fusedcomm" / "_version.py").read_text()).group(1)
 
 
 class BuildWithKernels(build_py):

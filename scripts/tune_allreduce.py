@@ -18,7 +18,7 @@ from fusedcomm.jit import load  # noqa: E402
 from fusedcomm.jit.modules import VLLM_AR  # noqa: E402
 from fusedcomm.ops import vllm_ar  # noqa: E402
 from fusedcomm.testing.dist import run_ranks  # noqa: E402
-from fusedcomm.testing.vllm_comm import VllmComm  # noqa: E402
+from fusedcomm.runtime.vllm_comm import VllmComm  # noqa: E402
 
 VARIANTS = {
     "u4_t512": (),

@@ -8,7 +8,7 @@ import json
 import os
 import sys
 
-from fusedcomm.comm_backend import CommBackend, MPIBackend, allgather_bytes, mpi_barrier
+from fusedcomm.runtime.comm_backend import CommBackend, MPIBackend, allgather_bytes, mpi_barrier
 
 
 def main() -> None:

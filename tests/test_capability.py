@@ -1,4 +1,4 @@
-"""Tests for fusedcomm.capability: local probes and the group agreement."""
+"""Tests for fusedcomm.runtime.capability: local probes and the group agreement."""
 
 import dataclasses
 import pickle
@@ -6,9 +6,9 @@ import pickle
 import pytest
 import torch
 
-from fusedcomm import capability
-from fusedcomm.capability import DeviceCaps, GroupCaps, agree, probe_group
-from fusedcomm.comm_backend import SoloBackend
+from fusedcomm.runtime import capability
+from fusedcomm.runtime.capability import DeviceCaps, GroupCaps, agree, probe_group
+from fusedcomm.runtime.comm_backend import SoloBackend
 from fusedcomm.testing.dist import run_ranks
 
 BUS = ["0000:18:00.0", "0000:2a:00.0", "0000:3a:00.0", "0000:5d:00.0"]

@@ -1,4 +1,4 @@
-"""Tests for the host communicators in fusedcomm.comm_backend."""
+"""Tests for the host communicators in fusedcomm.runtime.comm_backend."""
 
 import json
 import os
@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch.distributed as dist
 
-from fusedcomm.comm_backend import (
+from fusedcomm.runtime.comm_backend import (
     CommBackend,
     MnnvlConfig,
     MPIBackend,
@@ -161,7 +161,7 @@ def test_mpi_backend_without_mpi4py(monkeypatch):
 
 
 def test_import_does_not_load_mpi4py():
-    code = ("import sys, fusedcomm.comm_backend, fusedcomm.testing.dist; "
+    code = ("import sys, fusedcomm.runtime.comm_backend, fusedcomm.testing.dist; "
             "print('mpi4py' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], env=_env_with_source_path(),
                           capture_output=True, text=True, timeout=60)

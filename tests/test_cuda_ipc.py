@@ -1,4 +1,4 @@
-"""Tests for fusedcomm.cuda_ipc: the CUDA runtime binding and IPC shared buffers."""
+"""Tests for fusedcomm.runtime.cuda_ipc: the CUDA runtime binding and IPC shared buffers."""
 
 import ctypes
 import os
@@ -6,8 +6,8 @@ import os
 import pytest
 import torch
 
-from fusedcomm import cuda_ipc
-from fusedcomm.cuda_ipc import (
+from fusedcomm.runtime import cuda_ipc
+from fusedcomm.runtime.cuda_ipc import (
     CudaRTLibrary,
     create_shared_buffer,
     cudaIpcMemHandle_t,
@@ -104,7 +104,7 @@ def _expected(rank, numel, seed):
 def _rank_shared_buffer(rank, world_size, seed, use_backend):
     import torch.distributed as dist
 
-    from fusedcomm.comm_backend import TorchDistBackend
+    from fusedcomm.runtime.comm_backend import TorchDistBackend
     from fusedcomm.dlpack_utils import pack_strided_memory
 
     dev = torch.cuda.current_device()

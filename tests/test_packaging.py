@@ -34,7 +34,7 @@ def test_top_level_exposes_the_seed_api():
              "mpi_barrier", "warmup"]
     for name in names:
         assert callable(getattr(fusedcomm, name)), name
-    from fusedcomm.comm_backend import CommBackend, MPIBackend, TorchDistBackend  # noqa: F401
+    from fusedcomm.runtime.comm_backend import CommBackend, MPIBackend, TorchDistBackend  # noqa: F401
 
 
 def test_warmup_loads_every_module(monkeypatch):

@@ -5,9 +5,9 @@ built per GPU architecture on first use (or loaded from the prebuilt-kernel pack
 through TVM-FFI and registered as torch custom ops.
 """
 
-__version__ = "0.1.0"
+from ._version import __version__
 
-from .comm_backend import (
+from .runtime.comm_backend import (
     CommBackend,
     MnnvlConfig,
     MPIBackend,
@@ -15,7 +15,7 @@ from .comm_backend import (
     TorchDistBackend,
     mpi_barrier,
 )
-from .cuda_ipc import CudaRTLibrary, create_shared_buffer, free_shared_buffer
+from .runtime.cuda_ipc import CudaRTLibrary, create_shared_buffer, free_shared_buffer
 from .dlpack_utils import pack_strided_memory
 from .mapping import Mapping
 from .ops.lamport import trtllm_lamport_initialize, trtllm_lamport_initialize_all

@@ -42,7 +42,9 @@ def _modules_status() -> list[str]:
 def doctor() -> int:
     import torch
 
-    from . import __version__, capability, envs
+    from . import envs
+    from ._version import __version__
+    from .runtime import capability
     from .jit.build import BuildError, find_nvcc, nvcc_version
 
     print(f"fusedcomm {__version__}, torch {torch.__version__}, python {sys.version.split()[0]}")

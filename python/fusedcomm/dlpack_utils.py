@@ -1,7 +1,7 @@
 """Tensor views over raw device memory, built through DLPack.
 
 :func:`pack_strided_memory` turns a device pointer (for example one entry of
-the list returned by :func:`fusedcomm.cuda_ipc.create_shared_buffer`) into a
+the list returned by :func:`fusedcomm.runtime.cuda_ipc.create_shared_buffer`) into a
 torch tensor that reads and writes that memory in place. The tensor does not
 own the memory: the caller keeps the allocation alive for as long as the
 tensor (or any view of it) is used.

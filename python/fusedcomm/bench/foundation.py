@@ -8,7 +8,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from ..cuda_ipc import create_shared_buffer, free_shared_buffer
+from ..runtime.cuda_ipc import create_shared_buffer, free_shared_buffer
 from ..ops.lamport import trtllm_lamport_initialize
 from .timing import time_loop
 
@@ -35,7 +35,7 @@ def bench_rank(rank: int, world: int) -> dict:
 
 def cpu_rendezvous_rank(rank: int, world: int) -> dict:
     """What runs without GPUs: the gloo rendezvous our buffer exchange is built on."""
-    from ..comm_backend import TorchDistBackend
+    from ..runtime.comm_backend import TorchDistBackend
 
     backend = TorchDistBackend()
     payload = bytes(64)  # the size of one CUDA IPC handle

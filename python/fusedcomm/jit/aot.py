@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from .. import __version__
+from .._version import __version__
 from .build import build_into
 from .loader import MANIFEST
 from .modules import ALL_SPECS, get_spec

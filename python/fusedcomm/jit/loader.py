@@ -19,7 +19,8 @@ import threading
 import warnings
 from pathlib import Path
 
-from .. import __version__, envs
+from .. import envs
+from .._version import __version__
 from .build import BuildError, build_into, find_nvcc, nvcc_version, private_dirs
 from .spec import JitSpec
 

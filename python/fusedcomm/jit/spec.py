@@ -87,7 +87,7 @@ class JitSpec:
     def source_hash(self, arch: str) -> str:
         """Hash of everything but the compiler: used to check prebuilt modules."""
         h = hashlib.sha256()
-        from .. import __version__
+        from .._version import __version__
 
         parts = (__version__, self.name, arch, *_toolchain_facts(), *BASE_CUDA_FLAGS, "|",
                  *self.cuda_cflags, "|", *BASE_LDFLAGS, "|", *self.ldflags)

@@ -444,7 +444,7 @@ def probe_group(comm_backend: Any = None, group: Any = None) -> GroupCaps:
     ``RuntimeError`` naming the failing ranks, instead of leaving peers
     waiting.
     """
-    from fusedcomm.comm_backend import resolve_backend
+    from fusedcomm.runtime.comm_backend import resolve_backend
 
     backend = resolve_backend(comm_backend, group)
     local: Optional[DeviceCaps] = None

@@ -343,7 +343,7 @@ def create_shared_buffer(
 
     import torch
 
-    from fusedcomm.comm_backend import resolve_backend
+    from fusedcomm.runtime.comm_backend import resolve_backend
 
     backend = resolve_backend(comm_backend, group)
     rank = backend.Get_rank()
@@ -417,7 +417,7 @@ def free_shared_buffer(
             "create_shared_buffer call in this process (already freed?)"
         )
 
-    from fusedcomm.comm_backend import resolve_backend
+    from fusedcomm.runtime.comm_backend import resolve_backend
 
     backend = resolve_backend(comm_backend, group)
     with _SHARED_LOCK:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..cuda_ipc import create_shared_buffer, free_shared_buffer
+from .cuda_ipc import create_shared_buffer, free_shared_buffer
 from ..dlpack_utils import pack_strided_memory
 from ..ops import vllm_ar
 
