@@ -3,8 +3,9 @@
 from pathlib import Path
 
 try:
-    from ._version import __version__
+    from ._version import CUDA_VERSION, __version__
 except ImportError:  # a source checkout, not a built wheel
     __version__ = "0+unbuilt"
+    CUDA_VERSION = None
 
 MODULE_DIR = str(Path(__file__).resolve().parent / "modules")

@@ -15,7 +15,12 @@ from .runtime.comm_backend import (
     TorchDistBackend,
     mpi_barrier,
 )
-from .runtime.cuda_ipc import CudaRTLibrary, create_shared_buffer, free_shared_buffer
+from .runtime.cuda_ipc import (
+    CudaRTLibrary,
+    CudaUnavailableError,
+    create_shared_buffer,
+    free_shared_buffer,
+)
 from .dlpack_utils import pack_strided_memory
 from .mapping import Mapping
 from .ops.lamport import trtllm_lamport_initialize, trtllm_lamport_initialize_all
@@ -28,14 +33,18 @@ from .ops.vllm_ar import (
     vllm_register_buffer,
     vllm_register_graph_buffers,
 )
+from .jit import BuildError, MissingModuleError
 from .runtime.failures import PeerTimeoutError, check_errors
 from .warmup import warmup
 
 __all__ = [
+    "BuildError",
     "CommBackend",
     "CudaRTLibrary",
+    "CudaUnavailableError",
     "MPIBackend",
     "Mapping",
+    "MissingModuleError",
     "MnnvlConfig",
     "PeerTimeoutError",
     "SoloBackend",

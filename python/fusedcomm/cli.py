@@ -1,7 +1,9 @@
-"""The ``fusedcomm`` command: ``doctor`` (what this machine offers) and ``bench`` (timings).
+"""The fusedcomm command: what this machine offers, and timings of our collectives.
 
-    fusedcomm doctor
-    fusedcomm bench [--world N] [--json FILE] [--markdown FILE] [--plot FILE.png] [--quick]
+  fusedcomm doctor    GPUs, links, compiler, cache, and the state of every module for every
+                      target architecture (visible GPUs and FUSEDCOMM_CUDA_ARCH_LIST)
+  fusedcomm bench     time our collectives beside NCCL on 2 or more visible GPUs
+  fusedcomm --version
 """
 
 from __future__ import annotations
@@ -12,30 +14,59 @@ import os
 import sys
 
 
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def target_archs() -> list[tuple[str, str]]:
+    """Every architecture fusedcomm may load modules for here, with where it comes from."""
+    import torch
+
+    from . import envs
+    from .jit import arch_for_capability
+
+    found: dict[str, str] = {}
+    for i in range(_gpu_count()):
+        arch = arch_for_capability(*torch.cuda.get_device_capability(i))
+        found.setdefault(arch, f"GPU {i}")
+    source = envs.cuda_arch_list_source()
+    for arch in envs.cuda_arch_list() or []:
+        found.setdefault(arch, source)
+    return list(found.items())
+
+
 def _modules_status() -> list[str]:
-    from .jit import ALL_SPECS, current_arch
+    from .jit import ALL_SPECS
     from .jit.loader import find_prebuilt, jit_cache_path
 
     try:
-        arch = current_arch()
-    except RuntimeError as e:
-        return [f"  (no target architecture: {e})"]
+        archs = target_archs()
+    except ValueError as e:
+        return [f"  (bad target list: {e})"]
+    if not archs:
+        return ["  (no target architecture: no CUDA GPU is visible and neither "
+                "FUSEDCOMM_CUDA_ARCH_LIST nor TORCH_CUDA_ARCH_LIST is set)"]
+    width = max(len(name) for name in ALL_SPECS)
     lines = []
-    for name, spec in ALL_SPECS.items():
-        try:
-            prebuilt = find_prebuilt(spec, arch)
-        except (OSError, RuntimeError) as e:
-            lines.append(f"  {name:10s} {arch}: cannot check prebuilt modules: {e}")
-            continue
-        if prebuilt is not None:
-            lines.append(f"  {name:10s} {arch}: prebuilt ({prebuilt})")
-            continue
-        try:
-            cached = jit_cache_path(spec, arch)
-            state = f"cached ({cached})" if cached.exists() else "missing (built on first use)"
-        except RuntimeError as e:
-            state = f"missing, and cannot be built here: {str(e).splitlines()[0]}"
-        lines.append(f"  {name:10s} {arch}: {state}")
+    for arch, source in archs:
+        lines.append(f"  {arch} (from {source}):")
+        for name, spec in ALL_SPECS.items():
+            try:
+                prebuilt = find_prebuilt(spec, arch)
+            except (OSError, RuntimeError) as e:
+                lines.append(f"    {name:{width}s}  cannot check prebuilt modules: {e}")
+                continue
+            if prebuilt is not None:
+                lines.append(f"    {name:{width}s}  prebuilt ({prebuilt})")
+                continue
+            try:
+                cached = jit_cache_path(spec, arch)
+                state = f"cached ({cached})" if cached.exists() else "missing (built on first use)"
+            except (OSError, RuntimeError) as e:
+                state = f"missing, and cannot be built here: {str(e).splitlines()[0]}"
+            lines.append(f"    {name:{width}s}  {state}")
     return lines
 
 
@@ -48,8 +79,9 @@ def doctor() -> int:
     from .jit.build import BuildError, find_nvcc, nvcc_version
 
     print(f"fusedcomm {__version__}, torch {torch.__version__}, python {sys.version.split()[0]}")
-    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    print(f"CUDA GPUs visible: {n}")
+    n = _gpu_count()
+    cuda = torch.version.cuda
+    print(f"CUDA GPUs visible: {n}" + ("" if cuda else " (torch is a CPU-only build)"))
     for i in range(n):
         try:
             caps = capability.probe_local(i)
@@ -99,44 +131,37 @@ def _bench_gpu(world: int, quick: bool) -> dict:
 def bench(args) -> int:
     import torch
 
-    from .testing.dist import run_ranks
-
-    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    n = _gpu_count()
     world = args.world or n
-    if args.world and (args.world < 2 or args.world > max(n, 2)):
-        print(f"fusedcomm bench: --world {args.world} needs 2..{max(n, 2)} ranks "
+    if n < 2:
+        why = " (torch is a CPU-only build)" if torch.version.cuda is None else ""
+        print(f"fusedcomm bench: {n} CUDA GPU(s) visible{why}; the benchmarks need 2 or more. "
+              "Nothing was timed.", file=sys.stderr)
+        return 1
+    if world < 2 or world > n:
+        print(f"fusedcomm bench: --world {args.world} needs 2..{n} ranks "
               f"({n} CUDA GPU(s) visible)", file=sys.stderr)
         return 2
-    if n < 2 or world < 2:
-        from .bench.foundation import cpu_rendezvous_rank
+    from .bench import allreduce
 
-        print(f"fusedcomm bench: {n} CUDA GPU(s) visible; the GPU benchmarks need 2 or more. "
-              "Running the CPU part (gloo rendezvous of 2 ranks) instead.")
-        res = run_ranks(cpu_rendezvous_rank, 2, backend="gloo", timeout_s=120)
-        print(f"gloo all-gather of a 64-byte IPC handle + barrier, 2 ranks: "
-              f"{res[0]['allgather_64B_plus_barrier_us']:.0f} us (median of 20)")
-        result = {"cpu_rendezvous": res}
-    else:
-        from .bench import allreduce
-
-        result = _bench_gpu(world, args.quick)
-        f = result["foundation"]
-        print(f"create_shared_buffer(64 MiB), {world} ranks: {f['create_shared_buffer_64MiB_ms']:.2f} ms; "
-              f"Lamport init of 64 MiB: {f['lamport_init_64MiB_us']:.1f} us "
-              f"({f['lamport_init_GBps']:.0f} GB/s), read back {'ok' if f['lamport_ok'] else 'WRONG'}")
-        table = allreduce.markdown(result["allreduce"])
-        print(f"\nall-reduce, bf16, hidden {allreduce.HIDDEN}, {world} ranks, microseconds per call "
-              "(median of 5 timed loops, CUDA events):\n")
-        print(table)
-        print("\ntargets:")
-        for line in allreduce.check_targets(result["allreduce"]):
-            print("  " + line)
-        if args.markdown:
-            with open(args.markdown, "w") as fh:
-                fh.write(table + "\n")
-        if args.plot:
-            allreduce.plot(result["allreduce"], args.plot)
-            print(f"plot written to {args.plot}")
+    result = _bench_gpu(world, args.quick)
+    f = result["foundation"]
+    print(f"create_shared_buffer(64 MiB), {world} ranks: {f['create_shared_buffer_64MiB_ms']:.2f} ms; "
+          f"Lamport init of 64 MiB: {f['lamport_init_64MiB_us']:.1f} us "
+          f"({f['lamport_init_GBps']:.0f} GB/s), read back {'ok' if f['lamport_ok'] else 'WRONG'}")
+    table = allreduce.markdown(result["allreduce"])
+    print(f"\nall-reduce, bf16, hidden {allreduce.HIDDEN}, {world} ranks, microseconds per call "
+          "(median of 5 timed loops, CUDA events):\n")
+    print(table)
+    print("\ntargets:")
+    for line in allreduce.check_targets(result["allreduce"]):
+        print("  " + line)
+    if args.markdown:
+        with open(args.markdown, "w") as fh:
+            fh.write(table + "\n")
+    if args.plot:
+        allreduce.plot(result["allreduce"], args.plot)
+        print(f"plot written to {args.plot}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=1)
@@ -144,13 +169,16 @@ def bench(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ._version import __version__
+
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
     parser = argparse.ArgumentParser(prog="fusedcomm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"fusedcomm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("doctor", help="GPUs, links, compiler, cache and module status")
-    b = sub.add_parser("bench", help="time our collectives beside NCCL")
+    b = sub.add_parser("bench", help="time our collectives beside NCCL (needs 2+ GPUs)")
     b.add_argument("--world", type=int, default=0, help="ranks (default: all visible GPUs)")
     b.add_argument("--json", help="write all results as JSON here")
     b.add_argument("--markdown", help="write the all-reduce table here")

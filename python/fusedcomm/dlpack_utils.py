@@ -23,6 +23,8 @@ from typing import Any, Sequence
 import torch
 import torch.utils.dlpack
 
+from .runtime.cuda_ipc import require_cuda
+
 __all__ = ["pack_strided_memory"]
 
 # DLDeviceType values.
@@ -138,6 +140,8 @@ def _view_from_pointer(
     ``device_type`` is a DLPack device type (``KDL_CUDA`` for GPU memory,
     ``KDL_CPU`` for host memory). Arguments are trusted: callers validate.
     """
+    if device_type == KDL_CUDA:
+        require_cuda("pack_strided_memory")  # not torch's AssertionError from a CPU-only build
     carrier, code, bits = _DL_TYPES[dtype]
     ndim = len(shape)
     head = ctypes.sizeof(_DLManagedTensor)

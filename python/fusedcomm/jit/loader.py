@@ -20,6 +20,7 @@ import warnings
 from pathlib import Path
 
 from .. import envs
+from .._logging import logger
 from .._version import __version__
 from .build import BuildError, build_into, find_nvcc, nvcc_version, private_dirs
 from .spec import JitSpec
@@ -216,6 +217,8 @@ def load(spec: JitSpec, arch: str | None = None):
         if module is None:
             import tvm_ffi
 
-            module = tvm_ffi.load_module(str(locate(spec, arch)))
+            path = locate(spec, arch)
+            module = tvm_ffi.load_module(str(path))
+            logger.info("loaded %s for %s from %s", spec.name, arch, path)
             _loaded[key] = module
     return module

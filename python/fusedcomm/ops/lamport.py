@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..jit import load_module
+from ..runtime.cuda_ipc import require_cuda
 from ._register import register_op, tracing
 
 _ELEM_BYTES = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4}
@@ -59,6 +60,7 @@ def trtllm_lamport_initialize(buffer_ptr: int, size: int, dtype: torch.dtype) ->
         # could drop or reorder it: refuse rather than silently skip it.
         raise NotImplementedError(f"{op}: call it outside torch.compile regions (setup code); "
                                   "it fills raw device memory that the graph cannot see")
+    require_cuda(op)
     _lamport_initialize_impl(buffer_ptr, size, elem)
 
 
@@ -74,6 +76,7 @@ def trtllm_lamport_initialize_all(
     elem = _elem_bytes(op, dtype)
     if _check_int(op, "size", size) < 0:
         raise ValueError(f"{op}: size ({size}) must be >= 0")
+    require_cuda(op)
     for ptr in (buffer_0_ptr, buffer_1_ptr, buffer_2_ptr):
         _fill(op, ptr, size, elem)
     torch.cuda.synchronize()

@@ -22,6 +22,7 @@ from typing import Any, Optional, Sequence
 
 __all__ = [
     "CudaRTLibrary",
+    "CudaUnavailableError",
     "cudaIpcMemHandle_t",
     "create_shared_buffer",
     "free_shared_buffer",
@@ -67,6 +68,26 @@ _FUNCTIONS: dict[str, tuple[Any, list[Any]]] = {
     ),
     "cudaIpcCloseMemHandle": (cudaError_t, [ctypes.c_void_p]),
 }
+
+
+class CudaUnavailableError(RuntimeError):
+    """An operation needs a CUDA device, and this torch cannot give it one."""
+
+
+def require_cuda(op: str) -> None:
+    """Raise CudaUnavailableError, naming ``op``, unless torch can use a CUDA device."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    if torch.version.cuda is None:
+        reason = (f"torch {torch.__version__} is a CPU-only build; install a CUDA build of "
+                  "torch (see https://pytorch.org/get-started/locally/)")
+    else:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        where = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
+        reason = f"torch {torch.__version__} sees no CUDA device{where}"
+    raise CudaUnavailableError(f"{op}: needs a CUDA GPU, but {reason}")
 
 
 def _loaded_libraries(name_part: str, maps_text: Optional[str] = None) -> list[str]:
@@ -340,6 +361,7 @@ def create_shared_buffer(
     """
     op = "create_shared_buffer"
     size = _check_size(op, size_in_bytes)
+    require_cuda(op)
 
     import torch
 
