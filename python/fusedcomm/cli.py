@@ -53,8 +53,9 @@ def _modules_status() -> list[str]:
     for arch, source in archs:
         lines.append(f"  {arch} (from {source}):")
         for name, spec in ALL_SPECS.items():
+            target = spec.target(arch) if hasattr(spec, "target") else arch  # host-only modules
             try:
-                prebuilt = find_prebuilt(spec, arch)
+                prebuilt = find_prebuilt(spec, target)
             except (OSError, RuntimeError) as e:
                 lines.append(f"    {name:{width}s}  cannot check prebuilt modules: {e}")
                 continue
@@ -62,7 +63,7 @@ def _modules_status() -> list[str]:
                 lines.append(f"    {name:{width}s}  prebuilt ({prebuilt})")
                 continue
             try:
-                cached = jit_cache_path(spec, arch)
+                cached = jit_cache_path(spec, target)
                 state = f"cached ({cached})" if cached.exists() else "missing (built on first use)"
             except (OSError, RuntimeError) as e:
                 state = f"missing, and cannot be built here: {str(e).splitlines()[0]}"
