@@ -19,7 +19,9 @@ fi
 missing=$(python - <<'PY'
 import importlib.util
 need = {"tvm_ffi": "apache-tvm-ffi==0.1.15.post2", "ninja": "ninja", "filelock": "filelock",
-        "pytest": "pytest", "mpi4py": "mpich mpi4py"}
+        "pytest": "pytest", "mpi4py": "mpich mpi4py",
+        # style checkers for scripts/lint.sh, pinned: their output changes between versions
+        "ruff": "ruff==0.17.5", "clang_format": "clang-format==23.1.3"}
 print(" ".join(v for k, v in need.items() if importlib.util.find_spec(k) is None))
 PY
 )

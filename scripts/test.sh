@@ -14,6 +14,8 @@ echo "== fresh venv: prebuilt-kernel wheel, no compiler on warmup, CLI, errors, 
 bash scripts/check_fresh_venv.sh "$root/.aot"
 echo "== style budgets"
 python scripts/check_budgets.py
+echo "== lint (ruff, clang-format)"
+scripts/lint.sh
 echo "== tests"
 python -m pytest -q "$@" tests
 echo "test.sh: done in $(( $(date +%s) - start )) s"

@@ -1,5 +1,6 @@
 """Tests for fusedcomm.runtime.capability: local probes and the group agreement."""
 
+import ctypes
 import dataclasses
 import pickle
 
@@ -11,22 +12,53 @@ from fusedcomm.runtime.capability import DeviceCaps, GroupCaps, agree, probe_gro
 from fusedcomm.runtime.comm_backend import SoloBackend
 from fusedcomm.testing.dist import run_ranks
 
-BUS = ["0000:18:00.0", "0000:2a:00.0", "0000:3a:00.0", "0000:5d:00.0"]
+BUS = [
+    "0000:18:00.0",
+    "0000:2a:00.0",
+    "0000:3a:00.0",
+    "0000:5d:00.0",
+    "0000:9a:00.0",
+    "0000:ab:00.0",
+    "0000:ba:00.0",
+    "0000:db:00.0",
+]  # one per fake rank
 
 
-def _caps(i, *, host="node0", cc=(9, 0), sm=132, fabric=False, mc=True, fd=True, vmm=True,
-          peers=None, bus=None):
+def _caps(
+    i,
+    *,
+    host="node0",
+    cc=(9, 0),
+    sm=132,
+    fabric=False,
+    mc=True,
+    fd=True,
+    vmm=True,
+    peers=None,
+    bus=None,
+):
     """A synthetic H100-like report for GPU ``i`` that can reach every other GPU."""
     bus = BUS[i] if bus is None else bus
     if peers is None:
         peers = tuple((b, True) for b in BUS if b != bus)
-    return DeviceCaps(index=i, name="NVIDIA H100 80GB HBM3", compute_capability=cc,
-                      sm_count=sm, fabric_handle_supported=fabric, multicast_supported=mc,
-                      posix_fd_supported=fd, vmm_supported=vmm, pci_bus_id=bus, host=host,
-                      driver_version=12080, peer_access=peers)
+    return DeviceCaps(
+        index=i,
+        name="NVIDIA H100 80GB HBM3",
+        compute_capability=cc,
+        sm_count=sm,
+        fabric_handle_supported=fabric,
+        multicast_supported=mc,
+        posix_fd_supported=fd,
+        vmm_supported=vmm,
+        pci_bus_id=bus,
+        host=host,
+        driver_version=12080,
+        peer_access=peers,
+    )
 
 
 # ----------------------------------------------------------------------------- agree()
+
 
 def test_agree_uniform_group():
     caps = [_caps(i) for i in range(4)]
@@ -40,24 +72,42 @@ def test_agree_uniform_group():
 
 
 def test_agree_takes_the_minimum_capability():
-    g = agree([_caps(0, cc=(10, 0), sm=148), _caps(1, cc=(9, 0), sm=132),
-               _caps(2, cc=(9, 10), sm=140)])
+    g = agree(
+        [_caps(0, cc=(10, 0), sm=148), _caps(1, cc=(9, 0), sm=132), _caps(2, cc=(9, 10), sm=140)]
+    )
     assert g.compute_capability == (9, 0)
     assert g.sm_count == 132
     # Lexicographic, not per component: (8, 9) < (9, 0).
     assert agree([_caps(0, cc=(9, 0)), _caps(1, cc=(8, 9))]).compute_capability == (8, 9)
 
 
-@pytest.mark.parametrize("field, kw", [
-    ("multicast_supported", "mc"), ("fabric_handle_supported", "fabric"),
-    ("posix_fd_supported", "fd"), ("vmm_supported", "vmm"),
-])
-def test_agree_feature_needs_every_rank(field, kw):
+@pytest.mark.parametrize(
+    "field, kw",
+    [
+        ("multicast_supported", "mc"),
+        ("fabric_handle_supported", "fabric"),
+        ("posix_fd_supported", "fd"),
+        ("vmm_supported", "vmm"),
+    ],
+)
+def test_agree_feature_on_every_rank(field, kw):
     all_on = [_caps(i, **{kw: True}) for i in range(3)]
     assert getattr(agree(all_on), field) is True
-    for odd in range(3):
-        mixed = [_caps(i, **{kw: i != odd}) for i in range(3)]
-        assert getattr(agree(mixed), field) is False
+
+
+@pytest.mark.parametrize(
+    "field, kw",
+    [
+        ("multicast_supported", "mc"),
+        ("fabric_handle_supported", "fabric"),
+        ("posix_fd_supported", "fd"),
+        ("vmm_supported", "vmm"),
+    ],
+)
+@pytest.mark.parametrize("odd", range(3))
+def test_agree_feature_missing_on_one_rank(field, kw, odd):
+    mixed = [_caps(i, **{kw: i != odd}) for i in range(3)]
+    assert getattr(agree(mixed), field) is False
 
 
 def test_agree_peer_access_needs_every_ordered_pair():
@@ -108,17 +158,21 @@ def test_agree_argument_errors():
         agree([_caps(0), {"index": 1}])
 
 
-@pytest.mark.parametrize("raw, want", [
-    ("00000000:3B:00.0", "0000:3b:00.0"),
-    (b"0000:3b:00.0\x00", "0000:3b:00.0"),
-    ("0001:0A:1f.3", "0001:0a:1f.3"),
-    ("garbage", ""),
-])
+@pytest.mark.parametrize(
+    "raw, want",
+    [
+        ("00000000:3B:00.0", "0000:3b:00.0"),
+        (b"0000:3b:00.0\x00", "0000:3b:00.0"),
+        ("0001:0A:1f.3", "0001:0a:1f.3"),
+        ("garbage", ""),
+    ],
+)
 def test_normalize_bus_id(raw, want):
     assert capability._normalize_bus_id(raw) == want
 
 
 # ----------------------------------------------------------------------------- no GPU here
+
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU behaviour")
 def test_probes_without_cuda():
@@ -146,9 +200,16 @@ def test_probe_group_reports_local_failure(monkeypatch):
 
 # ----------------------------------------------------------------------------- ranks (gloo)
 
+
 def _fake_report(rank):
-    return _caps(rank, cc=(9, 0) if rank == 0 else (10, 0), sm=132 + 16 * rank,
-                 mc=True, fabric=rank == 1, fd=True)
+    return _caps(
+        rank,
+        cc=(9, 0) if rank == 0 else (10, 0),
+        sm=132 + 16 * rank,
+        mc=True,
+        fabric=rank == 1,
+        fd=True,
+    )
 
 
 def _rank_probe_group_fake(rank, world_size):
@@ -156,10 +217,11 @@ def _rank_probe_group_fake(rank, world_size):
     return probe_group()
 
 
-def test_probe_group_two_ranks_with_fake_devices():
-    results = run_ranks(_rank_probe_group_fake, 2, timeout_s=90)
-    want = agree([_fake_report(0), _fake_report(1)])
-    assert results == [want, want]
+def test_probe_group_ranks_with_fake_devices(world_size):
+    results = run_ranks(_rank_probe_group_fake, world_size, timeout_s=90)
+    want = agree([_fake_report(r) for r in range(world_size)])
+    assert results == [want] * world_size
+    assert want.world_size == world_size
     assert want.compute_capability == (9, 0) and want.sm_count == 132
     assert want.multicast_supported and not want.fabric_handle_supported
     assert want.peer_access
@@ -179,14 +241,49 @@ def _rank_probe_group_one_fails(rank, world_size):
     return "no error"
 
 
-def test_probe_group_failure_reaches_every_rank():
-    messages = run_ranks(_rank_probe_group_one_fails, 2, timeout_s=90)
-    for text in messages:
-        assert text.startswith("probe_group: probing failed on rank 1: RuntimeError")
-        assert "rank 0" not in text
+def test_probe_group_failure_reaches_every_rank(world_size):
+    messages = run_ranks(_rank_probe_group_one_fails, world_size, timeout_s=90)
+    wrong = [
+        (rank, text)
+        for rank, text in enumerate(messages)
+        if not text.startswith("probe_group: probing failed on rank 1: RuntimeError")
+        or "rank 0" in text
+    ]
+    assert not wrong, f"ranks whose error does not name rank 1 alone: {wrong}"
 
 
 # ----------------------------------------------------------------------------- GPU
+
+# Feature flags and the CUdevice_attribute that reports each, as numbered in cuda.h. The test
+# asks the driver itself, so a probe that reads the wrong attribute or mixes up fields fails.
+DRIVER_FLAGS = {
+    "vmm_supported": 102,  # CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED
+    "posix_fd_supported": 103,  # CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED
+    "fabric_handle_supported": 128,  # CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_FABRIC_SUPPORTED
+    "multicast_supported": 132,  # CU_DEVICE_ATTRIBUTE_MULTICAST_SUPPORTED
+}
+
+
+def _driver_flags(index):
+    """The feature flags of CUDA device ``index``, read from libcuda with plain ctypes."""
+    lib = ctypes.CDLL("libcuda.so.1")
+    assert lib.cuInit(0) == 0
+    dev, value = ctypes.c_int(), ctypes.c_int()
+    assert lib.cuDeviceGet(ctypes.byref(dev), index) == 0
+    flags = {}
+    for field, attr in DRIVER_FLAGS.items():
+        value.value = -1
+        status = lib.cuDeviceGetAttribute(ctypes.byref(value), attr, dev)
+        # CUDA_ERROR_INVALID_VALUE (1): a driver older than the attribute, so not supported.
+        assert status in (0, 1), f"cuDeviceGetAttribute({attr}) for {field} returned {status}"
+        assert status == 1 or value.value in (0, 1), f"{field}: attribute value {value.value}"
+        flags[field] = status == 0 and value.value == 1
+    return flags
+
+
+def _flags_of(caps):
+    return {field: getattr(caps, field) for field in DRIVER_FLAGS}
+
 
 def _rank_probe_group_real(rank, world_size):
     g = probe_group()
@@ -197,21 +294,29 @@ def _rank_probe_group_real(rank, world_size):
     assert mine.sm_count == props.multi_processor_count
     assert mine.name == props.name
     assert mine == capability.probe_local(rank)
+    assert _flags_of(mine) == _driver_flags(rank)
     assert capability.p2p_matrix()[rank][rank] is True
     return g
 
 
 @pytest.mark.gpu(2)
-def test_probe_group_real_gpus_agree():
-    results = run_ranks(_rank_probe_group_real, 2, backend="nccl", timeout_s=120)
-    assert results[0] == results[1]
+def test_probe_group_real_gpus_agree(world_size):
+    results = run_ranks(_rank_probe_group_real, world_size, backend="nccl", timeout_s=120)
+    assert results == [results[0]] * world_size
     g = results[0]
-    assert g.world_size == 2 and g.single_host
-    assert g.devices[0].pci_bus_id != g.devices[1].pci_bus_id
+    assert g.world_size == world_size and g.single_host
+    assert len({d.pci_bus_id for d in g.devices}) == world_size
     assert g.compute_capability == min(d.compute_capability for d in g.devices)
     p2p = capability.p2p_matrix()
-    assert len(p2p) >= 2 and g.peer_access == (p2p[0][1] and p2p[1][0])
-    assert isinstance(g.multicast_supported, bool)
+    assert len(p2p) >= world_size
+    pairs = [(a, b) for a in range(world_size) for b in range(world_size) if a != b]
+    assert g.peer_access == all(p2p[a][b] for a, b in pairs)
+    # Each rank checked its own flags against the driver; the group needs them on every rank.
+    for field in DRIVER_FLAGS:
+        assert getattr(g, field) == all(getattr(d, field) for d in g.devices), field
+    assert g.multicast_supported == all(
+        _driver_flags(r)["multicast_supported"] for r in range(world_size)
+    )
 
 
 @pytest.mark.gpu(1)
@@ -220,7 +325,9 @@ def test_probe_local_matches_torch():
     props = torch.cuda.get_device_properties(caps.index)
     assert caps.compute_capability == torch.cuda.get_device_capability(caps.index)
     assert caps.sm_count == props.multi_processor_count
-    assert caps.posix_fd_supported in (True, False)
+    assert _flags_of(caps) == _driver_flags(caps.index)
+    # Exporting to a file descriptor and multicast objects are both built on VMM allocations.
+    assert caps.vmm_supported or not (caps.posix_fd_supported or caps.multicast_supported)
     assert len(caps.pci_bus_id.split(":")) == 3
     with pytest.raises(ValueError, match=r"probe_local: device index \(99\)"):
         capability.probe_local(99)

@@ -32,8 +32,11 @@ def _env_with_source_path() -> dict:
 
 def _torch_backend_rank(rank, world_size, token):
     comm = TorchDistBackend()
-    out = {"rank": comm.Get_rank(), "size": comm.Get_size(),
-           "is_backend": isinstance(comm, CommBackend)}
+    out = {
+        "rank": comm.Get_rank(),
+        "size": comm.Get_size(),
+        "is_backend": isinstance(comm, CommBackend),
+    }
     mine = {"rank": rank, "token": token, "list": list(range(rank + 1))}
     out["gathered"] = comm.allgather(mine)
     out["bytes"] = allgather_bytes(comm, bytes([rank]) * (rank + 3) + token.encode())
@@ -45,35 +48,49 @@ def _torch_backend_rank(rank, world_size, token):
     single.barrier()
 
     rev = comm.Split(0, -rank)
-    out["reversed"] = (rev.Get_rank(), rev.Get_size(), rev.allgather(rank),
-                       rev.bcast(("root0-of-reversed", rank), root=0))
+    out["reversed"] = (
+        rev.Get_rank(),
+        rev.Get_size(),
+        rev.allgather(rank),
+        rev.bcast(("root0-of-reversed", rank), root=0),
+    )
     rev.barrier()
     return out
 
 
-def test_torch_dist_backend_gloo_two_ranks():
-    tokens = [os.urandom(6).hex() for _ in range(2)]
-    results = run_ranks(_torch_backend_rank, 2, backend="gloo", timeout_s=90,
-                        args=(tokens[0],))
-    expected_gathered = [{"rank": r, "token": tokens[0], "list": list(range(r + 1))}
-                         for r in range(2)]
-    expected_bytes = [bytes([r]) * (r + 3) + tokens[0].encode() for r in range(2)]
-    for rank, out in enumerate(results):
-        assert (out["rank"], out["size"], out["is_backend"]) == (rank, 2, True)
-        assert out["gathered"] == expected_gathered
-        assert out["bytes"] == expected_bytes
-        assert out["bcast"] == {"from": 1, "token": tokens[0]}
-        assert out["single"] == (0, 1, [rank])
-        # key = -rank puts old rank 1 first in the new group.
-        assert out["reversed"] == (1 - rank, 2, [1, 0], ("root0-of-reversed", 1))
+def test_torch_dist_backend_gloo(world_size):
+    n = world_size
+    token = os.urandom(6).hex()
+    results = run_ranks(_torch_backend_rank, n, backend="gloo", timeout_s=90, args=(token,))
+    gathered = [{"rank": r, "token": token, "list": list(range(r + 1))} for r in range(n)]
+    as_bytes = [bytes([r]) * (r + 3) + token.encode() for r in range(n)]
+    last = n - 1
+    expected = [
+        {
+            "rank": rank,
+            "size": n,
+            "is_backend": True,
+            "gathered": gathered,
+            "bytes": as_bytes,
+            "bcast": {"from": 1, "token": token},
+            "single": (0, 1, [rank]),
+            # key = -rank reverses the order: the old last rank is rank 0 of the new group.
+            "reversed": (last - rank, n, list(range(last, -1, -1)), ("root0-of-reversed", last)),
+        }
+        for rank in range(n)
+    ]
+    assert results == expected  # one comparison: the diff shows every rank's every field
 
 
 def _nccl_backend_rank(rank, world_size, token):
     import torch
 
     comm = TorchDistBackend()  # run_ranks already selected CUDA device `rank`
-    out = {"device": torch.cuda.current_device(), "gathered": comm.allgather((rank, token)),
-           "bcast": comm.bcast((rank, token), root=1)}
+    out = {
+        "device": torch.cuda.current_device(),
+        "gathered": comm.allgather((rank, token)),
+        "bcast": comm.bcast((rank, token), root=1),
+    }
     comm.barrier()
     rev = comm.Split(0, -rank)
     single = comm.Split(rank, 0)
@@ -87,41 +104,56 @@ def _nccl_backend_rank(rank, world_size, token):
 
 
 @pytest.mark.gpu(2)
-def test_torch_dist_backend_nccl_two_ranks():
+def test_torch_dist_backend_nccl(world_size):
+    n, last = world_size, world_size - 1
     token = os.urandom(6).hex()
-    results = run_ranks(_nccl_backend_rank, 2, backend="nccl", timeout_s=180, args=(token,))
-    for rank, out in enumerate(results):
-        assert out["device"] == rank
-        assert out["gathered"] == [(0, token), (1, token)]
-        assert out["bcast"] == (1, token)
-        assert out["reversed"] == (1 - rank, [1, 0], 1)
-        assert out["sums"] == ([12.0] * 4, [float(rank + 5)] * 4, 1)
+    results = run_ranks(_nccl_backend_rank, n, backend="nccl", timeout_s=180, args=(token,))
+    total = float(sum(10 * r + 1 for r in range(n)))  # 12 for two ranks
+    expected = [
+        {
+            "device": rank,
+            "gathered": [(r, token) for r in range(n)],
+            "bcast": (1, token),
+            "reversed": (last - rank, list(range(last, -1, -1)), last),
+            "sums": ([total] * 4, [float(rank + 5)] * 4, 1),
+        }
+        for rank in range(n)
+    ]
+    assert results == expected
 
 
-def _sub_group_split_rank(rank, world_size):
-    parent_group = dist.new_group([0, 1])  # every rank of the job takes part
+def _sub_group_split_rank(rank, world_size, inner):
+    parent_group = dist.new_group(list(range(inner)))  # every rank of the job takes part
     out = None
-    if rank in (0, 1):
+    if rank < inner:
         parent = TorchDistBackend(parent_group)
         single = parent.Split(rank, 0)
         rev = parent.Split(7, -rank)
         out = (single.Get_size(), single.allgather(rank), rev.Get_rank(), rev.allgather(rank))
     # Whole-job group creation still lines up after the sub-group splits.
-    world = TorchDistBackend().Split(0 if rank < 2 else 1, 0)
+    world = TorchDistBackend().Split(0 if rank < inner else 1, 0)
     return out, world.allgather(rank)
 
 
-def test_torch_dist_backend_split_of_sub_group():
-    results = run_ranks(_sub_group_split_rank, 3, backend="gloo", timeout_s=90)
-    assert results[0] == ((1, [0], 1, [1, 0]), [0, 1])
-    assert results[1] == ((1, [1], 0, [1, 0]), [0, 1])
-    assert results[2] == (None, [2])
+def test_torch_dist_backend_split_of_sub_group(world_size):
+    # A sub-group of `world_size` ranks plus one rank outside it.
+    inner = world_size
+    results = run_ranks(
+        _sub_group_split_rank, inner + 1, backend="gloo", timeout_s=90, args=(inner,)
+    )
+    members = list(range(inner))
+    reversed_members = members[::-1]
+    expected = [((1, [r], inner - 1 - r, reversed_members), members) for r in range(inner)]
+    expected.append((None, [inner]))
+    assert results == expected
 
 
 def test_torch_dist_backend_needs_init():
     if dist.is_initialized():
         pytest.skip("torch.distributed is initialised in this process")
-    with pytest.raises(RuntimeError, match="TorchDistBackend: torch.distributed is not initialised"):
+    with pytest.raises(
+        RuntimeError, match="TorchDistBackend: torch.distributed is not initialised"
+    ):
         TorchDistBackend()
     with pytest.raises(RuntimeError, match="not initialised"):
         resolve_backend()
@@ -140,7 +172,11 @@ def test_resolve_backend_and_structural_check():
 
 def test_mnnvl_config():
     cfg = MnnvlConfig()
-    assert (cfg.comm_backend, cfg.allocation_granularity, cfg.fabric_page_size) == (None, 0, 1 << 29)
+    assert (cfg.comm_backend, cfg.allocation_granularity, cfg.fabric_page_size) == (
+        None,
+        0,
+        1 << 29,
+    )
     fake = SoloBackend()
     assert MnnvlConfig(comm_backend=fake, allocation_granularity=1 << 21).comm_backend is fake
     with pytest.raises(TypeError, match="MnnvlConfig: comm_backend"):
@@ -161,30 +197,46 @@ def test_mpi_backend_without_mpi4py(monkeypatch):
 
 
 def test_import_does_not_load_mpi4py():
-    code = ("import sys, fusedcomm.runtime.comm_backend, fusedcomm.testing.dist; "
-            "print('mpi4py' in sys.modules)")
-    proc = subprocess.run([sys.executable, "-c", code], env=_env_with_source_path(),
-                          capture_output=True, text=True, timeout=60)
+    code = (
+        "import sys, fusedcomm.runtime.comm_backend, fusedcomm.testing.dist; "
+        "print('mpi4py' in sys.modules)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        env=_env_with_source_path(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "False"
 
 
 @pytest.mark.mpi
-def test_mpi_backend_two_processes(tmp_path):
+def test_mpi_backend_processes(tmp_path, world_size):
+    n, last = world_size, world_size - 1
     script = os.path.join(HERE, "mpi_comm_backend_main.py")
-    cmd = mpirun_command(2, [sys.executable, script, str(tmp_path)])
-    proc = subprocess.run(cmd, env=_env_with_source_path(), capture_output=True,
-                          text=True, timeout=60)
+    cmd = mpirun_command(n, [sys.executable, script, str(tmp_path)])
+    proc = subprocess.run(
+        cmd, env=_env_with_source_path(), capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout}\n{proc.stderr}"
-    assert sorted(os.listdir(tmp_path)) == ["rank0.json", "rank1.json"]
-    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    assert [r["rank"] for r in results] == [0, 1]
+    assert sorted(os.listdir(tmp_path)) == sorted(f"rank{r}.json" for r in range(n))
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(n)]
     tokens = [r["token"] for r in results]
-    for rank, out in enumerate(results):
-        assert out["size"] == 2
-        assert out["is_backend"] and out["raw_is_backend"]
-        assert out["gathered"] == [{"rank": r, "token": tokens[r]} for r in range(2)]
-        assert out["bytes"] == [bytes([r, 7 * r + 1]).hex() for r in range(2)]
-        assert out["bcast"] == {"from": 1, "token": tokens[1]}
-        assert out["single"] == [0, 1, [rank]]
-        assert out["reversed"] == [1 - rank, 2, [1, 0]]
+    expected = [
+        {
+            "rank": rank,
+            "size": n,
+            "is_backend": True,
+            "raw_is_backend": True,
+            "token": tokens[rank],
+            "gathered": [{"rank": r, "token": tokens[r]} for r in range(n)],
+            "bytes": [bytes([r, 7 * r + 1]).hex() for r in range(n)],
+            "bcast": {"from": last, "token": tokens[last]},  # the last rank is the root
+            "single": [0, 1, [rank]],
+            "reversed": [last - rank, n, list(range(last, -1, -1))],
+        }
+        for rank in range(n)
+    ]
+    assert results == expected

@@ -2,6 +2,7 @@
 
 import ctypes
 import os
+import re
 
 import pytest
 import torch
@@ -13,10 +14,11 @@ from fusedcomm.runtime.cuda_ipc import (
     cudaIpcMemHandle_t,
     free_shared_buffer,
 )
+from fusedcomm.testing.checks import Failures, assert_no_failures
 from fusedcomm.testing.dist import run_ranks
 
-
 # ----------------------------------------------------------------------------- CPU
+
 
 def test_missing_so_file_is_a_clear_error(tmp_path):
     path = str(tmp_path / "libcudart.so.99")
@@ -36,15 +38,17 @@ def test_so_file_type_is_checked():
 
 
 def test_loaded_libraries_reads_maps_lines():
-    maps = "\n".join([
-        "7f00-7f10 r-xp 00000000 08:01 11 /opt/x/lib/libcudart.so.12",
-        "7f10-7f20 r--p 00010000 08:01 11 /opt/x/lib/libcudart.so.12",
-        "7f20-7f30 r-xp 00000000 08:01 12 /usr/lib/libc.so.6",
-        "7f30-7f40 r-xp 00000000 08:01 13 /tmp/libcudart.so.13 (deleted)",
-        "7f40-7f50 rw-p 00000000 00:00 0 ",
-        "7f50-7f60 r-xp 00000000 08:01 14 /opt/my dir/libcudart.so.13.0.1",
-        "7f60-7f70 r--p 00000000 08:01 15 /opt/libcudart_notes.txt",
-    ])
+    maps = "\n".join(
+        [
+            "7f00-7f10 r-xp 00000000 08:01 11 /opt/x/lib/libcudart.so.12",
+            "7f10-7f20 r--p 00010000 08:01 11 /opt/x/lib/libcudart.so.12",
+            "7f20-7f30 r-xp 00000000 08:01 12 /usr/lib/libc.so.6",
+            "7f30-7f40 r-xp 00000000 08:01 13 /tmp/libcudart.so.13 (deleted)",
+            "7f40-7f50 rw-p 00000000 00:00 0 ",
+            "7f50-7f60 r-xp 00000000 08:01 14 /opt/my dir/libcudart.so.13.0.1",
+            "7f60-7f70 r--p 00000000 08:01 15 /opt/libcudart_notes.txt",
+        ]
+    )
     assert cuda_ipc._loaded_libraries("libcudart", maps) == [
         "/opt/x/lib/libcudart.so.12",
         "/opt/my dir/libcudart.so.13.0.1",
@@ -67,17 +71,32 @@ def test_runtime_without_gpu_reports_cudart_error():
         assert "so_file" in str(exc)
         return
     assert CudaRTLibrary().lib is lib.lib  # loaded once per path
-    with pytest.raises(RuntimeError, match=r"^CUDART error: .+ \(\d+\) in cudaSetDevice$"):
+    with pytest.raises(RuntimeError, match=r"^CUDART error: .+ \(\d+\) in cudaSetDevice$") as info:
         lib.cudaSetDevice(0)
+    # The message carries the runtime's own text for the status it names.
+    text, code = re.fullmatch(
+        r"CUDART error: (.+) \((\d+)\) in cudaSetDevice", str(info.value)
+    ).groups()
+    assert int(code) != 0 and text == lib.cudaGetErrorString(int(code))
     with pytest.raises(RuntimeError, match=r"^CUDART error: .+ in cudaMalloc$"):
         lib.cudaMalloc(1024)
-    assert isinstance(lib.cudaGetErrorString(1), str)
+    # Codes from cudaError_t (driver_types.h), with the runtime's fixed texts.
+    assert lib.cudaGetErrorString(0) == "no error"
+    assert lib.cudaGetErrorString(1) == "invalid argument"  # cudaErrorInvalidValue
+    assert lib.cudaGetErrorString(100) == "no CUDA-capable device is detected"
 
 
-@pytest.mark.parametrize("size, exc", [
-    (0, ValueError), (-4096, ValueError), (1.5, TypeError), ("8", TypeError),
-    (True, TypeError), (None, TypeError),
-])
+@pytest.mark.parametrize(
+    "size, exc",
+    [
+        (0, ValueError),
+        (-4096, ValueError),
+        (1.5, TypeError),
+        ("8", TypeError),
+        (True, TypeError),
+        (None, TypeError),
+    ],
+)
 def test_create_shared_buffer_rejects_bad_size(size, exc):
     with pytest.raises(exc, match="create_shared_buffer: size_in_bytes"):
         create_shared_buffer(size)
@@ -94,9 +113,10 @@ def test_free_unknown_pointers():
 
 # ----------------------------------------------------------------------------- GPU ranks
 
+
 def _expected(rank, numel, seed):
     gen = torch.Generator().manual_seed(seed * 1000 + rank)
-    data = torch.randint(-(2 ** 31), 2 ** 31 - 1, (numel,), dtype=torch.int32, generator=gen)
+    data = torch.randint(-(2**31), 2**31 - 1, (numel,), dtype=torch.int32, generator=gen)
     data[0] = rank  # the row names the rank that wrote it
     return data
 
@@ -104,8 +124,8 @@ def _expected(rank, numel, seed):
 def _rank_shared_buffer(rank, world_size, seed, use_backend):
     import torch.distributed as dist
 
-    from fusedcomm.runtime.comm_backend import TorchDistBackend
     from fusedcomm.dlpack_utils import pack_strided_memory
+    from fusedcomm.runtime.comm_backend import TorchDistBackend
 
     dev = torch.cuda.current_device()
     assert dev == rank
@@ -123,44 +143,60 @@ def _rank_shared_buffer(rank, world_size, seed, use_backend):
     dist.barrier()
 
     lib = cuda_ipc._default_lib()
+    failures = Failures()  # every slot is checked, and every wrong one named
     for peer in range(world_size):
         want = _expected(peer, numel, seed)
         # Read through a view over the IPC mapping ...
         view = pack_strided_memory(ptrs[peer], size, size, 1, torch.int32, dev)
         got = view.clone().cpu().view(-1)
-        assert torch.equal(got, want), f"rank {rank}: view of slot {peer} holds wrong data"
+        failures.check(torch.equal(got, want), f"view of slot {peer} holds wrong data")
         # ... and through cudaMemcpy into a poisoned local tensor.
         dst = torch.full((numel,), -7, dtype=torch.int32, device="cuda")
         lib.cudaMemcpy(dst.data_ptr(), ptrs[peer], size)
-        assert torch.equal(dst.cpu(), want), f"rank {rank}: cudaMemcpy of slot {peer} differs"
+        failures.check(torch.equal(dst.cpu(), want), f"cudaMemcpy of slot {peer} differs")
 
     # Everyone has checked every slot before anyone overwrites one.
     dist.barrier()
     # Write into the next rank's slot remotely; it checks after the barrier.
     nxt = (rank + 1) % world_size
-    remote = torch.randint(0, 1 << 30, (numel,), dtype=torch.int32,
-                           generator=torch.Generator().manual_seed(seed + 77 + rank))
+    remote = torch.randint(
+        0,
+        1 << 30,
+        (numel,),
+        dtype=torch.int32,
+        generator=torch.Generator().manual_seed(seed + 77 + rank),
+    )
     pack_strided_memory(ptrs[nxt], size, size, 1, torch.int32, dev).copy_(remote.view(1, -1))
     torch.cuda.synchronize()
     dist.barrier()
     prev = (rank - 1) % world_size
-    from_prev = torch.randint(0, 1 << 30, (numel,), dtype=torch.int32,
-                              generator=torch.Generator().manual_seed(seed + 77 + prev))
-    assert torch.equal(own.cpu().view(-1), from_prev)
+    from_prev = torch.randint(
+        0,
+        1 << 30,
+        (numel,),
+        dtype=torch.int32,
+        generator=torch.Generator().manual_seed(seed + 77 + prev),
+    )
+    failures.check(
+        torch.equal(own.cpu().view(-1), from_prev),
+        f"own slot does not hold what rank {prev} wrote into it",
+    )
     dist.barrier()
 
     free_shared_buffer(ptrs, **kwargs)
     with pytest.raises(ValueError, match="free_shared_buffer"):
         free_shared_buffer(ptrs)
-    return True
+    return failures.messages
 
 
 @pytest.mark.gpu(2)
 @pytest.mark.parametrize("use_backend", [False, True], ids=["group", "comm_backend"])
-def test_shared_buffer_two_ranks(use_backend):
+def test_shared_buffer_across_ranks(use_backend, world_size):
     seed = int.from_bytes(os.urandom(3), "little")
-    assert run_ranks(_rank_shared_buffer, 2, backend="nccl", timeout_s=180,
-                     args=(seed, use_backend)) == [True, True]
+    per_rank = run_ranks(
+        _rank_shared_buffer, world_size, backend="nccl", timeout_s=180, args=(seed, use_backend)
+    )
+    assert_no_failures(per_rank)
 
 
 def _rank_create_free_rounds(rank, world_size, rounds, size):
@@ -182,10 +218,11 @@ def _rank_create_free_rounds(rank, world_size, rounds, size):
 
 
 @pytest.mark.gpu(2)
-def test_create_free_rounds_do_not_leak():
+def test_create_free_rounds_do_not_leak(world_size):
     size = 64 << 20
-    lost = run_ranks(_rank_create_free_rounds, 2, backend="nccl", timeout_s=240,
-                     args=(10, size))
+    lost = run_ranks(
+        _rank_create_free_rounds, world_size, backend="nccl", timeout_s=240, args=(10, size)
+    )
     # A leak of one round would be at least `size`; allow small driver bookkeeping.
-    for rank, delta in enumerate(lost):
-        assert delta < size // 4, f"rank {rank} lost {delta} bytes of device memory"
+    leaks = {rank: delta for rank, delta in enumerate(lost) if delta >= size // 4}
+    assert not leaks, f"device memory lost, bytes by rank: {leaks}"

@@ -15,21 +15,33 @@ def _report_rank(rank, world_size, offset):
 
     value = torch.tensor([rank + offset], dtype=torch.int64)
     dist.all_reduce(value)
-    env = {k: os.environ.get(k) for k in
-           ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "FUSEDCOMM_TEST_TAG")}
-    return {"rank": rank, "world": world_size, "dist_rank": dist.get_rank(),
-            "sum": int(value.item()), "env": env}
+    env = {
+        k: os.environ.get(k)
+        for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "FUSEDCOMM_TEST_TAG")
+    }
+    return {
+        "rank": rank,
+        "world": world_size,
+        "dist_rank": dist.get_rank(),
+        "sum": int(value.item()),
+        "env": env,
+    }
 
 
-def test_returns_values_by_rank():
+def test_returns_values_by_rank(world_size):
+    n = world_size
     offset = int.from_bytes(os.urandom(2), "little")
-    results = run_ranks(_report_rank, 2, timeout_s=60, args=(offset,),
-                        env={"FUSEDCOMM_TEST_TAG": "tag"})
-    env = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-           "FUSEDCOMM_TEST_TAG": "tag"}
+    results = run_ranks(
+        _report_rank, n, timeout_s=60, args=(offset,), env={"FUSEDCOMM_TEST_TAG": "tag"}
+    )
+    env = {
+        "NCCL_NVLS_ENABLE": "0",
+        "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+        "FUSEDCOMM_TEST_TAG": "tag",
+    }
+    total = n * offset + n * (n - 1) // 2
     assert results == [
-        {"rank": r, "world": 2, "dist_rank": r, "sum": 2 * offset + 1, "env": env}
-        for r in range(2)
+        {"rank": r, "world": n, "dist_rank": r, "sum": total, "env": env} for r in range(n)
     ]
 
 
@@ -39,10 +51,10 @@ def _fail_on_rank_one(rank, world_size):
     time.sleep(600)  # left running; the launcher must stop it
 
 
-def test_failing_rank_raises_rank_failure():
+def test_failing_rank_raises_rank_failure(world_size):
     start = time.monotonic()
     with pytest.raises(RankFailure) as info:
-        run_ranks(_fail_on_rank_one, 2, timeout_s=60)
+        run_ranks(_fail_on_rank_one, world_size, timeout_s=60)
     assert time.monotonic() - start < 45
     assert info.value.ranks == [1]
     text = str(info.value)
@@ -57,9 +69,9 @@ def _die_on_rank_zero(rank, world_size):
     time.sleep(600)
 
 
-def test_dead_rank_raises_rank_failure():
+def test_dead_rank_raises_rank_failure(world_size):
     with pytest.raises(RankFailure) as info:
-        run_ranks(_die_on_rank_zero, 2, timeout_s=60)
+        run_ranks(_die_on_rank_zero, world_size, timeout_s=60)
     assert info.value.ranks == [0]
     assert "exited with code 3 before reporting" in str(info.value)
 
@@ -71,10 +83,10 @@ def _hang_on_rank_one(rank, world_size):
     return rank
 
 
-def test_hung_rank_raises_rank_timeout():
+def test_hung_rank_raises_rank_timeout(world_size):
     start = time.monotonic()
     with pytest.raises(RankTimeout) as info:
-        run_ranks(_hang_on_rank_one, 2, timeout_s=20)
+        run_ranks(_hang_on_rank_one, world_size, timeout_s=20)
     elapsed = time.monotonic() - start
     assert 20 <= elapsed < 40
     assert info.value.ranks == [1]
@@ -91,7 +103,14 @@ def test_mpirun_command_flags(monkeypatch):
     monkeypatch.setattr(dist_mod.os, "geteuid", lambda: 0)
     monkeypatch.setattr(dist_mod, "_is_open_mpi", lambda launcher: True)
     assert mpirun_command(2, ["python", "x.py"]) == [
-        "/opt/mpi/bin/mpirun", "--allow-run-as-root", "--oversubscribe", "-n", "2", "python", "x.py"]
+        "/opt/mpi/bin/mpirun",
+        "--allow-run-as-root",
+        "--oversubscribe",
+        "-n",
+        "2",
+        "python",
+        "x.py",
+    ]
     monkeypatch.setattr(dist_mod, "_is_open_mpi", lambda launcher: False)
     assert mpirun_command(3, ["a"]) == ["/opt/mpi/bin/mpirun", "-n", "3", "a"]
     monkeypatch.setattr(dist_mod, "find_mpirun", lambda: None)

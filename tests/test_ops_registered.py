@@ -18,24 +18,26 @@ OPS = {
 }
 
 
-def test_every_op_is_registered_with_a_schema():
-    for name, fragment in OPS.items():
-        schema = str(getattr(torch.ops.fusedcomm, name).default._schema)
-        assert schema.startswith(f"fusedcomm::{name}("), schema
-        if fragment:
-            assert fragment in schema, schema
+@pytest.mark.parametrize("name", list(OPS))
+def test_every_op_is_registered_with_a_schema(name):
+    fragment = OPS[name]
+    schema = str(getattr(torch.ops.fusedcomm, name).default._schema)
+    assert schema.startswith(f"fusedcomm::{name}("), schema
+    if fragment:
+        assert fragment in schema, schema
 
 
 def test_opcheck_meta_size():
     torch.library.opcheck(torch.ops.fusedcomm.vllm_meta_size.default, ())
-    assert torch.ops.fusedcomm.vllm_meta_size() == 3456
+    assert torch.ops.fusedcomm.vllm_meta_size() == comm.vllm_meta_size() >= 3456
 
 
 @pytest.mark.gpu(1)
 def test_opcheck_lamport_initialize():
     buf = torch.randint(1, 255, (4096,), dtype=torch.uint8, device="cuda")
-    torch.library.opcheck(torch.ops.fusedcomm.trtllm_lamport_initialize.default,
-                          (buf.data_ptr(), 1024, 2))
+    torch.library.opcheck(
+        torch.ops.fusedcomm.trtllm_lamport_initialize.default, (buf.data_ptr(), 1024, 2)
+    )
     torch.cuda.synchronize()
     assert torch.all(buf[:2048].view(torch.int16) == -32768)
 

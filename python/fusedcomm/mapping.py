@@ -28,7 +28,7 @@ order; the module has no dependency beyond the standard library.
 from __future__ import annotations
 
 import collections.abc
-from typing import Any, Dict, List
+from typing import Any
 
 __all__ = ["Mapping"]
 
@@ -56,9 +56,7 @@ _CONFIG_KEYS = (
 def _check_int(name: str, value: Any, *, minimum: int, allow_unset: bool = False) -> int:
     """Return ``value`` if it is an int >= ``minimum`` (or -1 when allowed)."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(
-            f"Mapping: {name} must be an int, got {type(value).__name__} ({value!r})"
-        )
+        raise TypeError(f"Mapping: {name} must be an int, got {type(value).__name__} ({value!r})")
     if allow_unset and value == _UNSET:
         return value
     if value < minimum:
@@ -70,9 +68,7 @@ def _check_int(name: str, value: Any, *, minimum: int, allow_unset: bool = False
 def _derive(name: str, total: int, total_desc: str, divisor: int, divisor_desc: str) -> int:
     """Return ``total // divisor`` for a size left at -1, failing on a remainder."""
     if total % divisor != 0:
-        raise ValueError(
-            f"Mapping: {divisor_desc} must divide {total_desc} to derive {name}"
-        )
+        raise ValueError(f"Mapping: {divisor_desc} must divide {total_desc} to derive {name}")
     return total // divisor
 
 
@@ -167,17 +163,26 @@ class Mapping:
         if moe_tp_size == _UNSET and moe_ep_size == _UNSET:
             moe_ep_size = 1
             moe_tp_size = _derive(
-                "moe_tp_size", tp_size, tp_desc,
-                moe_cluster_size, f"moe_cluster_size ({moe_cluster_size})",
+                "moe_tp_size",
+                tp_size,
+                tp_desc,
+                moe_cluster_size,
+                f"moe_cluster_size ({moe_cluster_size})",
             )
         elif moe_tp_size == _UNSET:
             moe_tp_size = _derive(
-                "moe_tp_size", tp_size, tp_desc, moe_ep_size * moe_cluster_size,
+                "moe_tp_size",
+                tp_size,
+                tp_desc,
+                moe_ep_size * moe_cluster_size,
                 f"moe_ep_size ({moe_ep_size}) * moe_cluster_size ({moe_cluster_size})",
             )
         elif moe_ep_size == _UNSET:
             moe_ep_size = _derive(
-                "moe_ep_size", tp_size, tp_desc, moe_tp_size * moe_cluster_size,
+                "moe_ep_size",
+                tp_size,
+                tp_desc,
+                moe_tp_size * moe_cluster_size,
                 f"moe_tp_size ({moe_tp_size}) * moe_cluster_size ({moe_cluster_size})",
             )
         moe_product = moe_tp_size * moe_ep_size * moe_cluster_size
@@ -195,13 +200,19 @@ class Mapping:
             attn_tp_size, attn_cp_size = attn_total, 1
         elif attn_tp_size == _UNSET:
             attn_tp_size = _derive(
-                "attn_tp_size", attn_total, attn_desc,
-                attn_cp_size, f"attn_cp_size ({attn_cp_size})",
+                "attn_tp_size",
+                attn_total,
+                attn_desc,
+                attn_cp_size,
+                f"attn_cp_size ({attn_cp_size})",
             )
         elif attn_cp_size == _UNSET:
             attn_cp_size = _derive(
-                "attn_cp_size", attn_total, attn_desc,
-                attn_tp_size, f"attn_tp_size ({attn_tp_size})",
+                "attn_cp_size",
+                attn_total,
+                attn_desc,
+                attn_tp_size,
+                f"attn_tp_size ({attn_tp_size})",
             )
         if attn_cp_size != 1:
             raise ValueError(
@@ -348,14 +359,14 @@ class Mapping:
             "moe_tp": (self._moe_tp_rank_of, ep * cluster, self.moe_tp_size),
         }[name]
 
-    def _group_of(self, r: int, name: str) -> List[int]:
+    def _group_of(self, r: int, name: str) -> list[int]:
         coord, stride, size = self._axis(name)
         if self.auto_parallel:
             return [r]
         start = r - coord(r) * stride
         return [start + i * stride for i in range(size)]
 
-    def _all_groups(self, name: str) -> List[List[int]]:
+    def _all_groups(self, name: str) -> list[list[int]]:
         # Groups partition the world; list each once, ordered by smallest rank.
         groups = []
         for r in range(self.world_size):
@@ -365,62 +376,62 @@ class Mapping:
         return groups
 
     @property
-    def tp_group(self) -> List[int]:
+    def tp_group(self) -> list[int]:
         """Ranks sharing this rank's PP and CP coordinates."""
         return self._group_of(self.rank, "tp")
 
     @property
-    def cp_group(self) -> List[int]:
+    def cp_group(self) -> list[int]:
         """Ranks sharing this rank's PP and TP coordinates."""
         return self._group_of(self.rank, "cp")
 
     @property
-    def pp_group(self) -> List[int]:
+    def pp_group(self) -> list[int]:
         """Ranks sharing this rank's TP and CP coordinates (one per stage)."""
         return self._group_of(self.rank, "pp")
 
     @property
-    def moe_tp_group(self) -> List[int]:
+    def moe_tp_group(self) -> list[int]:
         """Ranks of this TP group with the same MoE-EP and cluster coordinates."""
         return self._group_of(self.rank, "moe_tp")
 
     @property
-    def moe_ep_group(self) -> List[int]:
+    def moe_ep_group(self) -> list[int]:
         """Ranks of this TP group with the same MoE-TP and cluster coordinates."""
         return self._group_of(self.rank, "moe_ep")
 
     @property
-    def moe_cluster_group(self) -> List[int]:
+    def moe_cluster_group(self) -> list[int]:
         """Ranks of this TP group with the same MoE-TP and MoE-EP coordinates."""
         return self._group_of(self.rank, "moe_cluster")
 
     @property
-    def tp_groups(self) -> List[List[int]]:
+    def tp_groups(self) -> list[list[int]]:
         """Every TP group of the world."""
         return self._all_groups("tp")
 
     @property
-    def cp_groups(self) -> List[List[int]]:
+    def cp_groups(self) -> list[list[int]]:
         """Every CP group of the world."""
         return self._all_groups("cp")
 
     @property
-    def pp_groups(self) -> List[List[int]]:
+    def pp_groups(self) -> list[list[int]]:
         """Every PP group of the world."""
         return self._all_groups("pp")
 
     @property
-    def moe_tp_groups(self) -> List[List[int]]:
+    def moe_tp_groups(self) -> list[list[int]]:
         """Every MoE-TP group of the world."""
         return self._all_groups("moe_tp")
 
     @property
-    def moe_ep_groups(self) -> List[List[int]]:
+    def moe_ep_groups(self) -> list[list[int]]:
         """Every MoE-EP group of the world."""
         return self._all_groups("moe_ep")
 
     @property
-    def moe_cluster_groups(self) -> List[List[int]]:
+    def moe_cluster_groups(self) -> list[list[int]]:
         """Every MoE-cluster group of the world."""
         return self._all_groups("moe_cluster")
 
@@ -472,7 +483,7 @@ class Mapping:
         """Same TP/CP position on the next stage (the last stage wraps to the first)."""
         return (self.rank + self.tp_size * self.cp_size) % self.world_size
 
-    def pp_layers(self, num_layers: int) -> List[int]:
+    def pp_layers(self, num_layers: int) -> list[int]:
         """Indices of the layers this pipeline stage owns.
 
         ``num_layers`` is cut into ``pp_size`` contiguous runs; when it does
@@ -486,7 +497,7 @@ class Mapping:
         count = base + (1 if stage < extra else 0)
         return list(range(start, start + count))
 
-    def ep_experts(self, num_experts: int) -> List[int]:
+    def ep_experts(self, num_experts: int) -> list[int]:
         """Indices of the experts this rank holds under expert parallelism.
 
         Each MoE-EP rank gets ``num_experts // moe_ep_size`` consecutive
@@ -496,16 +507,14 @@ class Mapping:
         """
         num_experts = _check_int("ep_experts: num_experts", num_experts, minimum=0)
         if self.cp_size != 1:
-            raise NotImplementedError(
-                f"Mapping.ep_experts: cp_size ({self.cp_size}) must be 1"
-            )
+            raise NotImplementedError(f"Mapping.ep_experts: cp_size ({self.cp_size}) must be 1")
         per_rank = num_experts // self.moe_ep_size
         start = self.moe_ep_rank * per_rank
         return list(range(start, start + per_rank))
 
     # -------------------------------------------------------- serialisation
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         """Constructor keyword arguments that rebuild an equal ``Mapping``.
 
         MoE and attention sizes are stored resolved (never -1).
@@ -516,12 +525,10 @@ class Mapping:
         return out
 
     @classmethod
-    def from_dict(cls, mapping: Dict[str, Any]) -> "Mapping":
+    def from_dict(cls, mapping: dict[str, Any]) -> Mapping:
         """Build a ``Mapping`` from keyword arguments such as ``to_dict()`` returns."""
         if not isinstance(mapping, collections.abc.Mapping):
-            raise TypeError(
-                f"Mapping.from_dict: expected a dict, got {type(mapping).__name__}"
-            )
+            raise TypeError(f"Mapping.from_dict: expected a dict, got {type(mapping).__name__}")
         return cls(**mapping)
 
     def _key(self) -> tuple:

@@ -70,9 +70,11 @@ def bench_rank(rank: int, world: int, tokens=TOKENS, hidden: int = HIDDEN) -> li
             row["ours_eager"] = time_loop(ours, iters)
             op = torch.ops.fusedcomm.vllm_all_reduce
             row["ours_eager_dispatcher"] = time_loop(
-                lambda: op(c.fa, x, out, reg, max_bytes, 36, 0), iters)
-            graph = capture(lambda: vllm_ar.vllm_all_reduce(c.fa, x, out, 0, 0, 36), iters,
-                            warmup=False)
+                lambda: op(c.fa, x, out, reg, max_bytes, 36, 0), iters
+            )
+            graph = capture(
+                lambda: vllm_ar.vllm_all_reduce(c.fa, x, out, 0, 0, 36), iters, warmup=False
+            )
             c.register_graph_inputs()
             row["ours_graph"] = time_graph(graph, iters)
             out.fill_(float("nan"))
@@ -112,8 +114,11 @@ def markdown(rows: list[dict]) -> str:
     lines = [head, "|" + "---|" * (len(COLUMNS) + 3)]
     for r in rows:
         cells = [f"{r[k]:.1f}" if isinstance(r.get(k), float) else "-" for k, _ in COLUMNS]
-        lines.append(f"| {r['tokens']} | {_size(r['bytes'])} | " + " | ".join(cells)
-                     + f" | {'yes' if r.get('exact_vs_nccl') else 'NO'} |")
+        lines.append(
+            f"| {r['tokens']} | {_size(r['bytes'])} | "
+            + " | ".join(cells)
+            + f" | {'yes' if r.get('exact_vs_nccl') else 'NO'} |"
+        )
     return "\n".join(lines)
 
 
@@ -129,10 +134,18 @@ def check_targets(rows: list[dict]) -> list[str]:
         verdict = "met" if v <= limit else f"MISSED by {v - limit:.1f} us"
         lines.append(f"{col} at {_size(nbytes)}: {v:.1f} us (target <= {limit}) {verdict}")
     slower = [r for r in rows if r["bytes"] <= 32 << 20 and r["ours_graph"] > r["nccl_graph"]]
-    lines.append("ours graph never slower than NCCL graph up to 32 MiB: "
-                 + ("met" if not slower else "MISSED at " + ", ".join(
-                     f"{_size(r['bytes'])} ({r['ours_graph']:.1f} vs {r['nccl_graph']:.1f})"
-                     for r in slower)))
+    lines.append(
+        "ours graph never slower than NCCL graph up to 32 MiB: "
+        + (
+            "met"
+            if not slower
+            else "MISSED at "
+            + ", ".join(
+                f"{_size(r['bytes'])} ({r['ours_graph']:.1f} vs {r['nccl_graph']:.1f})"
+                for r in slower
+            )
+        )
+    )
     return lines
 
 

@@ -8,8 +8,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from ..runtime.cuda_ipc import create_shared_buffer, free_shared_buffer
 from ..ops.lamport import trtllm_lamport_initialize
+from ..runtime.cuda_ipc import create_shared_buffer, free_shared_buffer
 from .timing import time_loop
 
 
@@ -26,7 +26,8 @@ def bench_rank(rank: int, world: int) -> dict:
     buf = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
     n = (64 << 20) // 2
     out["lamport_init_64MiB_us"] = time_loop(
-        lambda: trtllm_lamport_initialize(buf.data_ptr(), n, torch.bfloat16), 20)
+        lambda: trtllm_lamport_initialize(buf.data_ptr(), n, torch.bfloat16), 20
+    )
     out["lamport_init_GBps"] = (64 << 20) / (out["lamport_init_64MiB_us"] * 1e3)
     torch.cuda.synchronize()
     out["lamport_ok"] = bool(torch.all(buf.view(torch.int16) == -32768))

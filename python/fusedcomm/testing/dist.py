@@ -23,7 +23,8 @@ import subprocess
 import sys
 import time
 import traceback
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch.multiprocessing as mp
 
@@ -85,9 +86,7 @@ def _init_process_group(rank: int, world_size: int, port: int, backend: str, tim
     import torch.distributed as dist
 
     timeout = datetime.timedelta(seconds=timeout_s)
-    store = dist.TCPStore(
-        "127.0.0.1", port, world_size, is_master=(rank == 0), timeout=timeout
-    )
+    store = dist.TCPStore("127.0.0.1", port, world_size, is_master=(rank == 0), timeout=timeout)
     kwargs: dict[str, Any] = {}
     if backend == "nccl":
         torch.cuda.set_device(rank)
@@ -154,6 +153,7 @@ def run_ranks(
     timeout_s: float = 120.0,
     args: Sequence[Any] = (),
     env: dict[str, str] | None = None,
+    may_die: Sequence[int] = (),
 ) -> list:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` local processes.
 
@@ -163,6 +163,8 @@ def run_ranks(
     picklable (``fn`` a module-level function). ``env`` adds environment
     variables for the ranks; NVLink multicast is always disabled
     (``NCCL_NVLS_ENABLE=0``, ``TORCH_SYMM_MEM_DISABLE_MULTICAST=1``).
+    Ranks listed in ``may_die`` may exit without reporting (their value is None): failure tests
+    kill a rank on purpose.
 
     Returns the ranks' return values, indexed by rank; values must be
     picklable (plain objects or CPU tensors). Raises :class:`RankFailure` as
@@ -194,14 +196,23 @@ def run_ranks(
         for rank in range(world_size):
             p = ctx.Process(
                 target=_rank_main,
-                args=(rank, world_size, port, backend, timeout_s, fn, tuple(args),
-                      child_env, results),
+                args=(
+                    rank,
+                    world_size,
+                    port,
+                    backend,
+                    timeout_s,
+                    fn,
+                    tuple(args),
+                    child_env,
+                    results,
+                ),
                 name=f"run_ranks-rank{rank}",
                 daemon=False,  # a rank may start worker processes of its own
             )
             p.start()
             procs.append(p)
-        values = _collect(procs, results, deadline, timeout_s)
+        values = _collect(procs, results, deadline, timeout_s, frozenset(may_die))
         for p in procs:
             p.join(max(deadline - time.monotonic(), 0.0))
         lingering = [r for r, p in enumerate(procs) if p.is_alive()]
@@ -213,7 +224,8 @@ def run_ranks(
         results.close()
 
 
-def _collect(procs: list, results: Any, deadline: float, timeout_s: float) -> list:
+def _collect(procs: list, results: Any, deadline: float, timeout_s: float,
+             may_die: frozenset = frozenset()) -> list:
     world_size = len(procs)
     values: dict[int, Any] = {}
     failures: dict[int, str] = {}
@@ -242,14 +254,17 @@ def _collect(procs: list, results: Any, deadline: float, timeout_s: float) -> li
             take(results.get(timeout=min(remaining, _POLL_S)))
         except queue_mod.Empty:
             dead = [
-                r for r, p in enumerate(procs)
+                r
+                for r, p in enumerate(procs)
                 if not p.is_alive() and r not in values and r not in failures
             ]
             if dead:
                 # A rank that exits flushes its report first; read what is in flight.
                 drain(0.5)
                 for r in dead:
-                    if r not in values and r not in failures:
+                    if r in may_die and r not in values and r not in failures:
+                        values[r] = None  # an expected death (a failure-protocol test)
+                    elif r not in values and r not in failures:
                         failures[r] = _exit_note(procs[r].exitcode)
         if failures:
             # Other ranks often fail right after the first one; keep their reports too.
@@ -272,12 +287,10 @@ def find_mpirun() -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _is_open_mpi(launcher: str) -> bool:
     try:
-        out = subprocess.run(
-            [launcher, "--version"], capture_output=True, text=True, timeout=30
-        )
+        out = subprocess.run([launcher, "--version"], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return False
     text = out.stdout + out.stderr
