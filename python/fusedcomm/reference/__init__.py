@@ -8,5 +8,21 @@ operation, so a kernel that promises the same order can be compared with ``torch
 """
 
 from .allreduce import all_reduce
+from .fusion import (
+    allreduce_fusion_reference,
+    fp8_e4m3,
+    fusion_all_reduce,
+    quantize_fp8_dynamic,
+    quantize_fp8_static,
+    residual_rms_norm,
+)
 
-__all__ = ["all_reduce"]
+__all__ = [
+    "all_reduce",
+    "allreduce_fusion_reference",
+    "fp8_e4m3",
+    "fusion_all_reduce",
+    "quantize_fp8_dynamic",
+    "quantize_fp8_static",
+    "residual_rms_norm",
+]
