@@ -38,10 +38,12 @@ from setuptools.command.build_py import build_py
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PYTHON_SRC = ROOT / "python"
-VERSION = re.search(r'__version__ = "([^"]+)"',
-                    (PYTHON_SRC / "fusedcomm" / "_version.py").read_text()).group(1)
-REQUIRES_PYTHON = re.search(r'requires-python = "([^"]+)"',
-                            (ROOT / "pyproject.toml").read_text()).group(1)
+VERSION = re.search(
+    r'__version__ = "([^"]+)"', (PYTHON_SRC / "fusedcomm" / "_version.py").read_text()
+).group(1)
+REQUIRES_PYTHON = re.search(
+    r'requires-python = "([^"]+)"', (ROOT / "pyproject.toml").read_text()
+).group(1)
 MIN_GLIBC = (2, 28)
 
 
@@ -53,8 +55,10 @@ def cuda_version() -> str:
     try:
         out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError) as e:
-        sys.exit(f"jit/setup.py: cannot ask {nvcc} for its version ({e}); "
-                 "set FUSEDCOMM_JIT_CACHE_CUDA, e.g. 13.0")
+        sys.exit(
+            f"jit/setup.py: cannot ask {nvcc} for its version ({e}); "
+            "set FUSEDCOMM_JIT_CACHE_CUDA, e.g. 13.0"
+        )
     found = re.search(r"release (\d+)\.(\d+)", out)
     if not found:
         sys.exit(f"jit/setup.py: no 'release X.Y' in the output of {nvcc} --version")
@@ -73,14 +77,22 @@ def collect_modules(dest: Path) -> None:
     else:
         source = Path(tempfile.mkdtemp(prefix="fusedcomm-aot-"))
         archs = os.environ.get("FUSEDCOMM_CUDA_ARCH_LIST", "9.0a,10.0a").replace(" ", ",")
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            p for p in (str(PYTHON_SRC), os.environ.get("PYTHONPATH")) if p))
-        subprocess.check_call([sys.executable, "-m", "fusedcomm.jit.aot", "--arch", archs,
-                               "--out", str(source)], env=env)
+        env = dict(
+            os.environ,
+            PYTHONPATH=os.pathsep.join(
+                p for p in (str(PYTHON_SRC), os.environ.get("PYTHONPATH")) if p
+            ),
+        )
+        subprocess.check_call(
+            [sys.executable, "-m", "fusedcomm.jit.aot", "--arch", archs, "--out", str(source)],
+            env=env,
+        )
     manifest = json.loads((source / "manifest.json").read_text())
     if manifest.get("version") != VERSION:
-        sys.exit(f"jit/setup.py: {source} holds modules of fusedcomm {manifest.get('version')}, "
-                 f"not {VERSION}")
+        sys.exit(
+            f"jit/setup.py: {source} holds modules of fusedcomm {manifest.get('version')}, "
+            f"not {VERSION}"
+        )
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
@@ -106,8 +118,7 @@ class BuildWithKernels(build_py):
     def run(self):
         super().run()
         pkg = Path(self.build_lib) / "fusedcomm_jit_cache"
-        (pkg / "_version.py").write_text(
-            f'__version__ = "{VERSION}"\nCUDA_VERSION = "{CUDA}"\n')
+        (pkg / "_version.py").write_text(f'__version__ = "{VERSION}"\nCUDA_VERSION = "{CUDA}"\n')
         collect_modules(pkg / "modules")
 
 
@@ -117,7 +128,11 @@ class PlatformWheel(bdist_wheel):
     def get_tag(self):
         modules = Path(self.bdist_dir) / "fusedcomm_jit_cache" / "modules"
         if not modules.is_dir():  # tags are asked before and after the build; both must agree
-            modules = Path(self.get_finalized_command("build_py").build_lib) / "fusedcomm_jit_cache" / "modules"
+            modules = (
+                Path(self.get_finalized_command("build_py").build_lib)
+                / "fusedcomm_jit_cache"
+                / "modules"
+            )
         major, minor = needed_glibc(modules)
         return "py3", "none", f"manylinux_{major}_{minor}_{platform.machine()}"
 
@@ -131,7 +146,7 @@ setup(
     name=f"fusedcomm-jit-cache-cu{CUDA_MAJOR}",
     version=VERSION,
     description=f"Prebuilt CUDA modules of fusedcomm for CUDA {CUDA_MAJOR}.x, so no compiler "
-                "runs at first use",
+    "runs at first use",
     license="Apache-2.0",
     python_requires=REQUIRES_PYTHON,
     install_requires=[f"fusedcomm=={VERSION}"],

@@ -30,44 +30,118 @@ GROUPS: list[tuple[str, str, tuple[str, ...]]] = [
     ("CUDA IPC", "", ("CudaRTLibrary", "create_shared_buffer", "free_shared_buffer")),
     ("DLPack", "", ("pack_strided_memory",)),
     ("Mapping", "", ("Mapping",)),
-    ("TRT-LLM all-reduce enums", "", ("AllReduceStrategyType", "AllReduceStrategyConfig",
-                                      "AllReduceFusionOp", "AllReduceFusionPattern",
-                                      "QuantizationSFLayout")),
-    ("TRT-LLM all-reduce ops", "", ("trtllm_allreduce_fusion", "trtllm_custom_all_reduce",
-                                    "trtllm_moe_allreduce_fusion",
-                                    "trtllm_moe_finalize_allreduce_fusion")),
-    ("TRT-LLM workspaces", "", ("trtllm_create_ipc_workspace_for_all_reduce",
-                                "trtllm_create_ipc_workspace_for_all_reduce_fusion",
-                                "trtllm_destroy_ipc_workspace_for_all_reduce",
-                                "trtllm_destroy_ipc_workspace_for_all_reduce_fusion")),
-    ("Lamport and layout utilities", "", ("trtllm_lamport_initialize",
-                                          "trtllm_lamport_initialize_all",
-                                          "compute_fp4_swizzled_layout_sf_size")),
-    ("Unified all-reduce fusion API", "", ("allreduce_fusion", "create_allreduce_fusion_workspace",
-                                           "AllReduceFusionWorkspace",
-                                           "TRTLLMAllReduceFusionWorkspace",
-                                           "MNNVLAllReduceFusionWorkspace")),
-    ("vLLM custom all-reduce", "", ("vllm_all_reduce", "vllm_dispose", "vllm_init_custom_ar",
-                                    "vllm_register_buffer", "vllm_register_graph_buffers",
-                                    "vllm_get_graph_buffer_ipc_meta", "vllm_meta_size")),
-    ("MoE all-to-all", "", ("MoeAlltoAll", "moe_a2a_initialize", "moe_a2a_dispatch",
-                            "moe_a2a_combine", "moe_a2a_sanitize_expert_ids",
-                            "moe_a2a_get_workspace_size_per_rank",
-                            "moe_a2a_wrap_payload_tensor_in_workspace")),
-    ("Decode context-parallel all-to-all", "", ("decode_cp_a2a_workspace_size",
-                                                "decode_cp_a2a_allocate_mnnvl_workspace",
-                                                "decode_cp_a2a_init_workspace",
-                                                "decode_cp_a2a_alltoall")),
-    ("MNNVL all-reduce", "trtllm_mnnvl_ar", ("trtllm_mnnvl_all_reduce", "trtllm_mnnvl_allreduce",
-                                             "trtllm_mnnvl_fused_allreduce_add_rmsnorm",
-                                             "trtllm_mnnvl_fused_allreduce_add_rmsnorm_quant",
-                                             "trtllm_mnnvl_fused_allreduce_rmsnorm", "mpi_barrier",
-                                             "MNNVLAllReduceFusionWorkspace",
-                                             "MNNVLAllreduceFusionStrategy", "MNNVLQuantType")),
-    ("Mixed communication", "mixed_comm", ("MixedCommOp", "MixedCommMode", "MixedCommHandler",
-                                           "run_mixed_comm")),
-    ("Communication backends", "mnnvl", ("MnnvlConfig", "CommBackend", "TorchDistBackend",
-                                         "MPIBackend")),
+    (
+        "TRT-LLM all-reduce enums",
+        "",
+        (
+            "AllReduceStrategyType",
+            "AllReduceStrategyConfig",
+            "AllReduceFusionOp",
+            "AllReduceFusionPattern",
+            "QuantizationSFLayout",
+        ),
+    ),
+    (
+        "TRT-LLM all-reduce ops",
+        "",
+        (
+            "trtllm_allreduce_fusion",
+            "trtllm_custom_all_reduce",
+            "trtllm_moe_allreduce_fusion",
+            "trtllm_moe_finalize_allreduce_fusion",
+        ),
+    ),
+    (
+        "TRT-LLM workspaces",
+        "",
+        (
+            "trtllm_create_ipc_workspace_for_all_reduce",
+            "trtllm_create_ipc_workspace_for_all_reduce_fusion",
+            "trtllm_destroy_ipc_workspace_for_all_reduce",
+            "trtllm_destroy_ipc_workspace_for_all_reduce_fusion",
+        ),
+    ),
+    (
+        "Lamport and layout utilities",
+        "",
+        (
+            "trtllm_lamport_initialize",
+            "trtllm_lamport_initialize_all",
+            "compute_fp4_swizzled_layout_sf_size",
+        ),
+    ),
+    (
+        "Unified all-reduce fusion API",
+        "",
+        (
+            "allreduce_fusion",
+            "create_allreduce_fusion_workspace",
+            "AllReduceFusionWorkspace",
+            "TRTLLMAllReduceFusionWorkspace",
+            "MNNVLAllReduceFusionWorkspace",
+        ),
+    ),
+    (
+        "vLLM custom all-reduce",
+        "",
+        (
+            "vllm_all_reduce",
+            "vllm_dispose",
+            "vllm_init_custom_ar",
+            "vllm_register_buffer",
+            "vllm_register_graph_buffers",
+            "vllm_get_graph_buffer_ipc_meta",
+            "vllm_meta_size",
+        ),
+    ),
+    (
+        "MoE all-to-all",
+        "",
+        (
+            "MoeAlltoAll",
+            "moe_a2a_initialize",
+            "moe_a2a_dispatch",
+            "moe_a2a_combine",
+            "moe_a2a_sanitize_expert_ids",
+            "moe_a2a_get_workspace_size_per_rank",
+            "moe_a2a_wrap_payload_tensor_in_workspace",
+        ),
+    ),
+    (
+        "Decode context-parallel all-to-all",
+        "",
+        (
+            "decode_cp_a2a_workspace_size",
+            "decode_cp_a2a_allocate_mnnvl_workspace",
+            "decode_cp_a2a_init_workspace",
+            "decode_cp_a2a_alltoall",
+        ),
+    ),
+    (
+        "MNNVL all-reduce",
+        "trtllm_mnnvl_ar",
+        (
+            "trtllm_mnnvl_all_reduce",
+            "trtllm_mnnvl_allreduce",
+            "trtllm_mnnvl_fused_allreduce_add_rmsnorm",
+            "trtllm_mnnvl_fused_allreduce_add_rmsnorm_quant",
+            "trtllm_mnnvl_fused_allreduce_rmsnorm",
+            "mpi_barrier",
+            "MNNVLAllReduceFusionWorkspace",
+            "MNNVLAllreduceFusionStrategy",
+            "MNNVLQuantType",
+        ),
+    ),
+    (
+        "Mixed communication",
+        "mixed_comm",
+        ("MixedCommOp", "MixedCommMode", "MixedCommHandler", "run_mixed_comm"),
+    ),
+    (
+        "Communication backends",
+        "mnnvl",
+        ("MnnvlConfig", "CommBackend", "TorchDistBackend", "MPIBackend"),
+    ),
 ]
 
 # Hand-kept: where each implemented group's GPU tests have passed (architectures, world sizes).
@@ -79,6 +153,10 @@ TESTED: dict[str, tuple[str, str]] = {
     "Lamport and layout utilities": ("sm_90a (H200)", "1"),
     "vLLM custom all-reduce": ("sm_90a (H200)", "2"),
     "Communication backends": ("sm_90a (H200)", "2"),
+    "TRT-LLM all-reduce enums": ("no GPU needed", "any"),
+    "TRT-LLM all-reduce ops": ("sm_90a (H200), patterns 0, 1, 2, 4, 10, 11", "2"),
+    "TRT-LLM workspaces": ("sm_90a (H200)", "2"),
+    "Unified all-reduce fusion API": ("sm_90a (H200), patterns 0, 1, 2, 4, 10, 11", "2"),
 }
 
 
@@ -136,16 +214,19 @@ def render(text: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true",
-                        help="do not write; exit 1 when README.md is out of date")
+    parser.add_argument(
+        "--check", action="store_true", help="do not write; exit 1 when README.md is out of date"
+    )
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT / "python"))
     text = README.read_text()
     new = render(text)
     if args.check:
         if new != text:
-            print("README.md status table is out of date: run python scripts/status_table.py",
-                  file=sys.stderr)
+            print(
+                "README.md status table is out of date: run python scripts/status_table.py",
+                file=sys.stderr,
+            )
             return 1
         return 0
     if new != text:

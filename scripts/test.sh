@@ -8,7 +8,7 @@ cd "$root"
 . scripts/setup_env.sh
 start=$(date +%s)
 echo "== AOT build of every module for sm_90a (python -m fusedcomm.jit.aot)"
-python -m fusedcomm.jit.aot --arch 9.0a --out "$root/.aot"
+python -m fusedcomm.jit.aot --arch 9.0a --configs all --out "$root/.aot"
 export FUSEDCOMM_AOT_DIR="$root/.aot" FUSEDCOMM_CUDA_ARCH_LIST=9.0a
 echo "== fresh venv: prebuilt-kernel wheel, no compiler on warmup, CLI, errors, logging"
 bash scripts/check_fresh_venv.sh "$root/.aot"

@@ -15,8 +15,10 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
 
 from fusedcomm.bench.timing import capture, time_graph, time_loop  # noqa: E402
-from fusedcomm.jit import load  # noqa: E402
-from fusedcomm.jit import allreduce_peer  # noqa: E402
+from fusedcomm.jit import (
+    allreduce_peer,  # noqa: E402
+    load,  # noqa: E402
+)
 from fusedcomm.ops import vllm_ar  # noqa: E402
 from fusedcomm.runtime.vllm_comm import VllmComm  # noqa: E402
 from fusedcomm.testing.dist import run_ranks  # noqa: E402

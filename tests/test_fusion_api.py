@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import fusedcomm as comm
-from fusedcomm.enums import AllReduceFusionPattern as P
 from fusedcomm.ops import _fusion_launch
 from fusedcomm.reference.fusion import allreduce_fusion_reference
 from fusedcomm.runtime import fusion_workspace as fw
@@ -76,8 +75,12 @@ class Control:
 def fake_plan(world_size, max_token_num, hidden_dim, dtype):
     elem = torch.tensor([], dtype=dtype).element_size()
     segment = min(world_size * max_token_num * hidden_dim * elem, comm.MAX_COMM_SIZE)
-    return {"comm": 2 * world_size * max_token_num * hidden_dim * elem,
-            "flags": world_size * 256 * 4, "lamport": 3 * segment, "segment": segment}
+    return {
+        "comm": 2 * world_size * max_token_num * hidden_dim * elem,
+        "flags": world_size * 256 * 4,
+        "lamport": 3 * segment,
+        "segment": segment,
+    }
 
 
 @pytest.fixture
@@ -86,10 +89,16 @@ def dev(monkeypatch):
     monkeypatch.setattr(fw, "create_shared_buffer", d.create_shared_buffer)
     monkeypatch.setattr(fw, "free_shared_buffer", d.free_shared_buffer)
     monkeypatch.setattr(fw, "_zero", lambda ptr, n: d.calls.append(("zero", ptr, n)))
-    monkeypatch.setattr(fw, "trtllm_lamport_initialize",
-                        lambda ptr, n, dtype: d.calls.append(("lamport", ptr, n, dtype)))
-    monkeypatch.setattr(fw, "trtllm_lamport_initialize_all",
-                        lambda a, b, c, n, dtype: d.calls.append(("lamport_all", n)))
+    monkeypatch.setattr(
+        fw,
+        "trtllm_lamport_initialize",
+        lambda ptr, n, dtype: d.calls.append(("lamport", ptr, n, dtype)),
+    )
+    monkeypatch.setattr(
+        fw,
+        "trtllm_lamport_initialize_all",
+        lambda a, b, c, n, dtype: d.calls.append(("lamport_all", n)),
+    )
     monkeypatch.setattr(fw, "_current_device", lambda: 0)
     monkeypatch.setattr(fw, "_table_device", lambda: torch.device("cpu"))
     monkeypatch.setattr(_fusion_launch, "new_control_block", d.new_control_block)
@@ -99,8 +108,16 @@ def dev(monkeypatch):
 
 
 def make_ws(dtype=BF16, **kw):
-    kw = {"world_size": W, "rank": 0, "max_token_num": M, "hidden_dim": D, "dtype": dtype,
-          "comm_backend": FakeBackend(), "gpus_per_node": 8, **kw}
+    kw = {
+        "world_size": W,
+        "rank": 0,
+        "max_token_num": M,
+        "hidden_dim": D,
+        "dtype": dtype,
+        "comm_backend": FakeBackend(),
+        "gpus_per_node": 8,
+        **kw,
+    }
     return comm.create_allreduce_fusion_workspace("trtllm", **kw)
 
 
@@ -112,24 +129,50 @@ def _numbered(*names):
     return {name: value for value, name in enumerate(names)}
 
 
-@pytest.mark.parametrize("cls,values", [
-    (comm.AllReduceStrategyType, _numbered("NCCL", "MIN_LATENCY", "UB", "AUTO", "ONESHOT",
-                                           "TWOSHOT", "LOWPRECISION")),
-    (comm.AllReduceStrategyConfig, {"USE_MEMCPY": 1, "PUSH_MODE": 2}),
-    (comm.AllReduceFusionOp, _numbered(
-        "NONE", "RESIDUAL_RMS_NORM", "LAST_PROCESS_FOR_UB", "RESIDUAL_RMS_PREPOST_NORM",
-        "RESIDUAL_RMS_NORM_QUANT_FP8", "RESIDUAL_RMS_NORM_QUANT_NVFP4",
-        "RESIDUAL_RMS_NORM_OUT_QUANT_FP8", "RESIDUAL_RMS_NORM_OUT_QUANT_NVFP4",
-        "MOE_ALLREDUCE_RESIDUAL_RMS_NORM", "MOE_FINALIZE_ALLREDUCE_RESIDUAL_RMS_NORM")),
-    (comm.AllReduceFusionPattern, _numbered(
-        "kAllReduce", "kARResidualRMSNorm", "kARResidualRMSNormFP8Quant",
-        "kARResidualRMSNormFP4Quant", "kARResidualRMSNormOutFP8Quant",
-        "kARResidualRMSNormOutFP4Quant", "kMoEReductionARResidualRMSNorm",
-        "kMoEFinalizeARResidualRMSNorm", "kARResidualRMSNormPerTokenGroupFP8PackedQuant",
-        "kARResidualRMSNormOutPerTokenGroupFP8PackedQuant", "kARResidualRMSNormDynamicFP8Quant",
-        "kARResidualRMSNormOutDynamicFP8Quant", "kMoEFinalizeARResidualRMSNormFP8Quant")),
-    (comm.QuantizationSFLayout, _numbered("SWIZZLED_128x4", "SWIZZLED_8x4", "LINEAR")),
-])
+@pytest.mark.parametrize(
+    "cls,values",
+    [
+        (
+            comm.AllReduceStrategyType,
+            _numbered("NCCL", "MIN_LATENCY", "UB", "AUTO", "ONESHOT", "TWOSHOT", "LOWPRECISION"),
+        ),
+        (comm.AllReduceStrategyConfig, {"USE_MEMCPY": 1, "PUSH_MODE": 2}),
+        (
+            comm.AllReduceFusionOp,
+            _numbered(
+                "NONE",
+                "RESIDUAL_RMS_NORM",
+                "LAST_PROCESS_FOR_UB",
+                "RESIDUAL_RMS_PREPOST_NORM",
+                "RESIDUAL_RMS_NORM_QUANT_FP8",
+                "RESIDUAL_RMS_NORM_QUANT_NVFP4",
+                "RESIDUAL_RMS_NORM_OUT_QUANT_FP8",
+                "RESIDUAL_RMS_NORM_OUT_QUANT_NVFP4",
+                "MOE_ALLREDUCE_RESIDUAL_RMS_NORM",
+                "MOE_FINALIZE_ALLREDUCE_RESIDUAL_RMS_NORM",
+            ),
+        ),
+        (
+            comm.AllReduceFusionPattern,
+            _numbered(
+                "kAllReduce",
+                "kARResidualRMSNorm",
+                "kARResidualRMSNormFP8Quant",
+                "kARResidualRMSNormFP4Quant",
+                "kARResidualRMSNormOutFP8Quant",
+                "kARResidualRMSNormOutFP4Quant",
+                "kMoEReductionARResidualRMSNorm",
+                "kMoEFinalizeARResidualRMSNorm",
+                "kARResidualRMSNormPerTokenGroupFP8PackedQuant",
+                "kARResidualRMSNormOutPerTokenGroupFP8PackedQuant",
+                "kARResidualRMSNormDynamicFP8Quant",
+                "kARResidualRMSNormOutDynamicFP8Quant",
+                "kMoEFinalizeARResidualRMSNormFP8Quant",
+            ),
+        ),
+        (comm.QuantizationSFLayout, _numbered("SWIZZLED_128x4", "SWIZZLED_8x4", "LINEAR")),
+    ],
+)
 def test_enum_values_are_plain_ints(cls, values):
     for name, value in values.items():
         got = getattr(cls, name)
@@ -137,8 +180,11 @@ def test_enum_values_are_plain_ints(cls, values):
 
 
 def test_constants():
-    assert (comm.BarrierFlagCount, comm.MAX_COMM_SIZE, comm.OneShotMaxToken) == \
-        (256, 2145386496, 128)
+    assert (comm.BarrierFlagCount, comm.MAX_COMM_SIZE, comm.OneShotMaxToken) == (
+        256,
+        2145386496,
+        128,
+    )
     assert comm.enums.DYNAMIC_FP8_MIN_SCALE == 2.0**-9 / 448
 
 
@@ -148,23 +194,28 @@ def test_constants():
 
 def test_workspace_bytes_planned_before_allocation(dev):
     plan = fake_plan(W, M, D, BF16)
-    assert comm.fusion_workspace_bytes(W, M, D, BF16) == plan["comm"] + plan["flags"] + \
-        plan["lamport"]
+    assert (
+        comm.fusion_workspace_bytes(W, M, D, BF16) == plan["comm"] + plan["flags"] + plan["lamport"]
+    )
     assert dev.calls == []
     ws = make_ws()
-    assert ws.workspace_bytes == sum(size for kind, size, *_ in
-                                     (c for c in dev.calls if c[0] == "alloc"))
+    assert ws.workspace_bytes == sum(
+        size for kind, size, *_ in (c for c in dev.calls if c[0] == "alloc")
+    )
     assert ws.workspace_bytes == comm.fusion_workspace_bytes(W, M, D, BF16)
     ws.destroy()
 
 
-@pytest.mark.parametrize("args,error,match", [
-    ((W, M, D, torch.int8), TypeError, r"dtype \(torch.int8\)"),
-    ((W, M, D, "bf16"), TypeError, "torch.dtype"),
-    ((W, 0, D, BF16), ValueError, r"max_token_num \(0\)"),
-    ((0, M, D, BF16), ValueError, r"world_size \(0\)"),
-    ((W, M, 2.5, BF16), TypeError, "hidden_dim must be an int"),
-])
+@pytest.mark.parametrize(
+    "args,error,match",
+    [
+        ((W, M, D, torch.int8), TypeError, r"dtype \(torch.int8\)"),
+        ((W, M, D, "bf16"), TypeError, "torch.dtype"),
+        ((W, 0, D, BF16), ValueError, r"max_token_num \(0\)"),
+        ((0, M, D, BF16), ValueError, r"world_size \(0\)"),
+        ((W, M, 2.5, BF16), TypeError, "hidden_dim must be an int"),
+    ],
+)
 def test_workspace_bytes_rejects_bad_arguments(dev, args, error, match):
     with pytest.raises(error, match=match):
         comm.fusion_workspace_bytes(*args)
@@ -183,10 +234,17 @@ def test_workspace_creation_layout_and_metadata(dev):
     assert table.tolist() == comm_ptrs + flags + lamport + [0xC0DE00]
     plan = fake_plan(W, M, D, BF16)
     assert ws.metadata == {
-        "tp_rank": 0, "tp_size": W, "max_token_num": M, "hidden_dim": D,
-        "use_fp32_lamport": False, "buffer_size": plan["comm"], "flag_size": plan["flags"],
-        "lamport_comm_size": plan["segment"], "lamport_buffer_size": plan["lamport"],
-        "control_flag_ptr": 0xC0DE00}
+        "tp_rank": 0,
+        "tp_size": W,
+        "max_token_num": M,
+        "hidden_dim": D,
+        "use_fp32_lamport": False,
+        "buffer_size": plan["comm"],
+        "flag_size": plan["flags"],
+        "lamport_comm_size": plan["segment"],
+        "lamport_buffer_size": plan["lamport"],
+        "control_flag_ptr": 0xC0DE00,
+    }
     assert ws.mem_handles == []
     assert ("zero", flags[0], plan["flags"]) in dev.calls
     assert ("lamport", lamport[0], plan["lamport"] // 2, BF16) in dev.calls
@@ -208,8 +266,9 @@ def test_legacy_fusion_workspace_return_forms(dev):
     assert len(h3) == 3 and h3[2]["use_fp32_lamport"] and "control_flag_ptr" not in h3[2]
     assert h3[2]["tp_rank"] == 1
     with pytest.warns(DeprecationWarning):
-        h4 = make(0, W, M, D, create_metadata=True, comm_backend=FakeBackend(),
-                  use_symm_dev_mem=True)
+        h4 = make(
+            0, W, M, D, create_metadata=True, comm_backend=FakeBackend(), use_symm_dev_mem=True
+        )
     assert len(h4) == 4 and h4[2] == [] and h4[3]["control_flag_ptr"] == 0xC0DE00
     with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="create_metadata"):
         make(0, W, M, D, comm_backend=FakeBackend(), use_symm_dev_mem=True)
@@ -224,8 +283,9 @@ def test_legacy_fusion_workspace_return_forms(dev):
 
 def test_legacy_custom_workspace_sizes(dev):
     with pytest.warns(DeprecationWarning):
-        handles = comm.trtllm_create_ipc_workspace_for_all_reduce(0, 4, 16, 1000,
-                                                                  comm_backend=FakeBackend(size=4))
+        handles = comm.trtllm_create_ipc_workspace_for_all_reduce(
+            0, 4, 16, 1000, comm_backend=FakeBackend(size=4)
+        )
     sizes = [size for kind, size in (c for c in dev.calls if c[0] == "alloc")]
     lamport = 4 * 16 * 4 * 1000 * 2
     assert sizes == [4 * 16 * 1000 * 4] * 2 + [(24 + 1) * 4 * 4 * 2] * 2 + [lamport] * 3
@@ -234,25 +294,43 @@ def test_legacy_custom_workspace_sizes(dev):
     assert dev.live == []
 
 
-@pytest.mark.parametrize("kw,error,match", [
-    ({"backend": "mnnvl"}, NotImplementedError, "not available yet.*backend='trtllm'"),
-    ({"backend": "nccl"}, RuntimeError, "unknown backend 'nccl'"),
-    ({"backend": 3}, TypeError, "backend must be a str"),
-    ({"max_token_num": None}, ValueError, "max_token_num is required"),
-    ({"dtype": None}, ValueError, "dtype is required"),
-    ({"hidden_dim": -1}, ValueError, r"hidden_dim \(-1\)"),
-    ({"dtype": torch.int32}, TypeError, "dtype"),
-    ({"rank": 1}, ValueError, "rank 0 of 2, but the call says rank 1 of 2"),
-    ({"world_size": 4}, ValueError, "says rank 0 of 4"),
-    ({"timeout_s": 0}, ValueError, "timeout_s"),
-    ({"backend": "auto", "gpus_per_node": None,
-      "comm_backend": FakeBackend(hosts=["a", "b"])}, NotImplementedError, "spans several"),
-    ({"backend": "auto", "gpus_per_node": 1}, NotImplementedError, "spans several"),
-])
+@pytest.mark.parametrize(
+    "kw,error,match",
+    [
+        ({"backend": "mnnvl"}, NotImplementedError, "not available yet.*backend='trtllm'"),
+        ({"backend": "nccl"}, RuntimeError, "unknown backend 'nccl'"),
+        ({"backend": 3}, TypeError, "backend must be a str"),
+        ({"max_token_num": None}, ValueError, "max_token_num is required"),
+        ({"dtype": None}, ValueError, "dtype is required"),
+        ({"hidden_dim": -1}, ValueError, r"hidden_dim \(-1\)"),
+        ({"dtype": torch.int32}, TypeError, "dtype"),
+        ({"rank": 1}, ValueError, "rank 0 of 2, but the call says rank 1 of 2"),
+        ({"world_size": 4}, ValueError, "says rank 0 of 4"),
+        ({"timeout_s": 0}, ValueError, "timeout_s"),
+        (
+            {
+                "backend": "auto",
+                "gpus_per_node": None,
+                "comm_backend": FakeBackend(hosts=["a", "b"]),
+            },
+            NotImplementedError,
+            "spans several",
+        ),
+        ({"backend": "auto", "gpus_per_node": 1}, NotImplementedError, "spans several"),
+    ],
+)
 def test_create_workspace_errors_before_allocation(dev, kw, error, match):
-    kw = {"backend": "trtllm", "world_size": W, "rank": 0, "max_token_num": M,
-          "hidden_dim": D, "dtype": BF16, "comm_backend": FakeBackend(), "gpus_per_node": 8,
-          **kw}
+    kw = {
+        "backend": "trtllm",
+        "world_size": W,
+        "rank": 0,
+        "max_token_num": M,
+        "hidden_dim": D,
+        "dtype": BF16,
+        "comm_backend": FakeBackend(),
+        "gpus_per_node": 8,
+        **kw,
+    }
     with pytest.raises(error, match=match):
         comm.create_allreduce_fusion_workspace(**kw)
     assert dev.calls == []
@@ -261,14 +339,23 @@ def test_create_workspace_errors_before_allocation(dev, kw, error, match):
 @pytest.mark.parametrize("kw", [{"gpus_per_node": 8}, {"gpus_per_node": None}])
 def test_auto_picks_the_lamport_backend_on_one_node(dev, kw):
     ws = comm.create_allreduce_fusion_workspace(
-        "auto", world_size=W, rank=0, max_token_num=M, hidden_dim=D, dtype=BF16,
-        comm_backend=FakeBackend(hosts=["node0", "node0"]), **kw)
+        "auto",
+        world_size=W,
+        rank=0,
+        max_token_num=M,
+        hidden_dim=D,
+        dtype=BF16,
+        comm_backend=FakeBackend(hosts=["node0", "node0"]),
+        **kw,
+    )
     assert isinstance(ws, comm.TRTLLMAllReduceFusionWorkspace) and ws.backend == "trtllm"
     ws.destroy()
 
 
-@pytest.mark.parametrize("fail_at,what", [("alloc2", "allocating shared buffer 1"),
-                                          ("control", "initialising the buffers")])
+@pytest.mark.parametrize(
+    "fail_at,what",
+    [("alloc2", "allocating shared buffer 1"), ("control", "initialising the buffers")],
+)
 def test_failed_creation_frees_everything(dev, fail_at, what):
     dev.fail_at = fail_at
     with pytest.raises(RuntimeError, match=what) as info:
@@ -286,15 +373,18 @@ def test_dropped_workspace_warns_and_releases(dev):
     assert dev.live == []
 
 
-@pytest.mark.parametrize("tp,n,d,dtype,oneshot,fits", [
-    (W, M, D, BF16, None, True),
-    (W, M * D // 128, 128, BF16, None, True),     # reshaped: capacity is by product
-    (W, M * D // 128 + 1, 128, BF16, None, False),
-    (W, M + 1, D, BF16, None, False),
-    (W, M, D, torch.float16, True, True),
-    (4, 1, D, BF16, None, False),                 # another world size
-    (W, 1, D, torch.float32, None, False),        # fp32-ness differs
-])
+@pytest.mark.parametrize(
+    "tp,n,d,dtype,oneshot,fits",
+    [
+        (W, M, D, BF16, None, True),
+        (W, M * D // 128, 128, BF16, None, True),  # reshaped: capacity is by product
+        (W, M * D // 128 + 1, 128, BF16, None, False),
+        (W, M + 1, D, BF16, None, False),
+        (W, M, D, torch.float16, True, True),
+        (4, 1, D, BF16, None, False),  # another world size
+        (W, 1, D, torch.float32, None, False),  # fp32-ness differs
+    ],
+)
 def test_is_buffer_size_sufficient_is_exact(dev, tp, n, d, dtype, oneshot, fits):
     ws = make_ws()
     assert ws.is_buffer_size_sufficient(tp, n, d, dtype, use_oneshot=oneshot) is fits
@@ -304,6 +394,7 @@ def test_is_buffer_size_sufficient_is_exact(dev, tp, n, d, dtype, oneshot, fits)
 def test_oneshot_capacity_follows_the_lamport_segment(dev, monkeypatch):
     def capped(w, m, d, dtype):
         return dict(fake_plan(w, m, d, dtype), segment=1024, lamport=3072)
+
     monkeypatch.setattr(_fusion_launch, "workspace_bytes", capped)
     with pytest.warns(UserWarning, match="capped at 1024"):
         ws = make_ws()
@@ -328,17 +419,25 @@ def ws(dev):
 def tensors(n=8, d=D, dtype=BF16, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=g).to(dtype)
-    return {"input": x, "residual_in": torch.randn(n, d, generator=g).to(dtype),
-            "rms_gamma": torch.randn(d, generator=g).to(dtype),
-            "residual_out": torch.empty_like(x), "norm_out": torch.empty_like(x),
-            "quant_out": torch.empty(n, d, dtype=torch.float8_e4m3fn),
-            "scale_out": torch.empty(n, 1, dtype=torch.float32)}
+    return {
+        "input": x,
+        "residual_in": torch.randn(n, d, generator=g).to(dtype),
+        "rms_gamma": torch.randn(d, generator=g).to(dtype),
+        "residual_out": torch.empty_like(x),
+        "norm_out": torch.empty_like(x),
+        "quant_out": torch.empty(n, d, dtype=torch.float8_e4m3fn),
+        "scale_out": torch.empty(n, 1, dtype=torch.float32),
+    }
 
 
-OUTPUTS = {0: (), 1: ("residual_out", "norm_out"), 2: ("residual_out", "quant_out"),
-           4: ("residual_out", "norm_out", "quant_out"),
-           10: ("residual_out", "quant_out", "scale_out"),
-           11: ("residual_out", "norm_out", "quant_out", "scale_out")}
+OUTPUTS = {
+    0: (),
+    1: ("residual_out", "norm_out"),
+    2: ("residual_out", "quant_out"),
+    4: ("residual_out", "norm_out", "quant_out"),
+    10: ("residual_out", "quant_out", "scale_out"),
+    11: ("residual_out", "norm_out", "quant_out", "scale_out"),
+}
 
 
 def args_for(pattern, t, **extra):
@@ -354,15 +453,25 @@ def args_for(pattern, t, **extra):
 @pytest.mark.parametrize("pattern", sorted(OUTPUTS))
 def test_fusion_call_and_return_value(ws, dev, pattern):
     t = tensors()
-    ret = comm.allreduce_fusion(workspace=ws, launch_with_pdl=True, fp32_acc=True,
-                                trigger_completion_at_end=False, use_oneshot=True,
-                                weight_bias=1.0, rms_eps=1e-5, **args_for(pattern, t))
+    ret = comm.allreduce_fusion(
+        workspace=ws,
+        launch_with_pdl=True,
+        fp32_acc=True,
+        trigger_completion_at_end=False,
+        use_oneshot=True,
+        weight_bias=1.0,
+        rms_eps=1e-5,
+        **args_for(pattern, t),
+    )
     (call,) = dev.launches
     assert (call.pattern, call.token_num, call.hidden_dim) == (pattern, 8, D)
     assert (call.world_size, call.rank, call.input) == (W, 0, t["input"])
     assert call.workspace_ptrs is ws.workspace_tensor
-    assert (call.launch_with_pdl, call.trigger_completion_at_end, call.fp32_acc) == \
-        (True, False, True)
+    assert (call.launch_with_pdl, call.trigger_completion_at_end, call.fp32_acc) == (
+        True,
+        False,
+        True,
+    )
     assert call.use_oneshot is True and call.layout_code == 0
     if pattern == 0:
         assert call.allreduce_out is ret and ret.shape == t["input"].shape
@@ -399,12 +508,14 @@ def test_pass_through_defaults_and_scale_tensor(ws, dev):
 def test_outputs_may_alias_inputs(ws, dev):
     t = tensors()
     x, res = t["input"], t["residual_in"]
-    ret = comm.allreduce_fusion(x, ws, 1, residual_in=res, residual_out=res, norm_out=x,
-                                rms_gamma=t["rms_gamma"])
+    ret = comm.allreduce_fusion(
+        x, ws, 1, residual_in=res, residual_out=res, norm_out=x, rms_gamma=t["rms_gamma"]
+    )
     assert ret is x and dev.launches[-1].residual_out is res
     comm.allreduce_fusion(x, ws, 0, output=x)
-    comm.allreduce_fusion(x, ws, 1, residual_in=res, residual_out=x, norm_out=t["norm_out"],
-                          rms_gamma=t["rms_gamma"])
+    comm.allreduce_fusion(
+        x, ws, 1, residual_in=res, residual_out=x, norm_out=t["norm_out"], rms_gamma=t["rms_gamma"]
+    )
     assert len(dev.launches) == 3
 
 
@@ -414,10 +525,17 @@ def Z(*shape, dtype=BF16):
 
 F8, I32, F32, U8 = torch.float8_e4m3fn, torch.int32, torch.float32, torch.uint8
 FP4 = {"quant_out": Z(8, D // 2, dtype=U8), "scale_out": Z(64, dtype=U8), "scale_factor": 1.0}
-GROUP = {"quant_out": Z(8, D, dtype=F8), "block_quant_group_size": 128,
-         "scale_out": Z(1, 8, dtype=I32).t()}  # (N, K) with strides (1, M)
-MOE6 = {"moe_reduction_device_num_experts": 2, "moe_reduction_scale_input": Z(1),
-        "moe_reduction_active_experts_token_input": Z(1), "moe_reduction_token_input": Z(1)}
+GROUP = {
+    "quant_out": Z(8, D, dtype=F8),
+    "block_quant_group_size": 128,
+    "scale_out": Z(1, 8, dtype=I32).t(),
+}  # (N, K) with strides (1, M)
+MOE6 = {
+    "moe_reduction_device_num_experts": 2,
+    "moe_reduction_scale_input": Z(1),
+    "moe_reduction_active_experts_token_input": Z(1),
+    "moe_reduction_token_input": Z(1),
+}
 BAD = [
     (1, {"norm_out": None}, ValueError, "kARResidualRMSNorm \\(1\\) writes or reads norm_out"),
     (1, {"residual_out": None}, ValueError, "residual_out"),
@@ -462,8 +580,12 @@ BAD = [
     (6, {}, ValueError, "moe_reduction_device_num_experts"),
     (6, MOE6, NotImplementedError, r"kMoEReductionARResidualRMSNorm \(6\)"),
     (7, {}, ValueError, "expanded_idx_to_permuted_idx"),
-    (7, {"expanded_idx_to_permuted_idx": Z(8, 2, dtype=I32)}, NotImplementedError,
-     r"kMoEFinalizeARResidualRMSNorm \(7\)"),
+    (
+        7,
+        {"expanded_idx_to_permuted_idx": Z(8, 2, dtype=I32)},
+        NotImplementedError,
+        r"kMoEFinalizeARResidualRMSNorm \(7\)",
+    ),
 ]
 
 
@@ -473,8 +595,12 @@ def test_every_check_runs_before_the_launch(ws, dev, pattern, change, error, mat
     kw = args_for(pattern if pattern in OUTPUTS else 1, t)
     kw["pattern"] = pattern
     if pattern in (6, 7):
-        kw = {"input": t["input"], "pattern": pattern, "residual_in": t["residual_in"],
-              "rms_gamma": t["rms_gamma"]}
+        kw = {
+            "input": t["input"],
+            "pattern": pattern,
+            "residual_in": t["residual_in"],
+            "rms_gamma": t["rms_gamma"],
+        }
     if pattern in (3, 5, 8, 9):
         kw.pop("norm_out", None)
     kw.update(change)
@@ -500,13 +626,29 @@ def test_unknown_workspace_type_and_destroyed_workspace(ws, dev):
 
 def _positional(ws, t, pattern=1, **kw):
     n, d = t["input"].reshape(-1, D).shape
-    a = dict(allreduce_in=t["input"], world_size=W, world_rank=0, token_num=n, hidden_dim=d,
-             workspace_ptrs=ws.workspace_tensor, launch_with_pdl=False,
-             trigger_completion_at_end=True, fp32_acc=False, pattern_code=pattern,
-             use_oneshot=None, allreduce_out=None, residual_in=t["residual_in"],
-             residual_out=t["residual_out"], norm_out=t["norm_out"], quant_out=None,
-             scale_out=None, rms_gamma=t["rms_gamma"], rms_eps=None, scale_factor=None,
-             layout_code=None)
+    a = dict(
+        allreduce_in=t["input"],
+        world_size=W,
+        world_rank=0,
+        token_num=n,
+        hidden_dim=d,
+        workspace_ptrs=ws.workspace_tensor,
+        launch_with_pdl=False,
+        trigger_completion_at_end=True,
+        fp32_acc=False,
+        pattern_code=pattern,
+        use_oneshot=None,
+        allreduce_out=None,
+        residual_in=t["residual_in"],
+        residual_out=t["residual_out"],
+        norm_out=t["norm_out"],
+        quant_out=None,
+        scale_out=None,
+        rms_gamma=t["rms_gamma"],
+        rms_eps=None,
+        scale_factor=None,
+        layout_code=None,
+    )
     a.update(kw)
     return list(a.values())
 
@@ -526,8 +668,9 @@ def test_trtllm_allreduce_fusion_positional(ws, dev):
 
 def test_trtllm_allreduce_fusion_metadata_lists_every_problem(ws, dev):
     t = tensors(dtype=torch.float32)
-    args = _positional(ws, t, world_size=4, token_num=M + 1, pattern=0,
-                          allreduce_out=torch.empty(M + 1, D))
+    args = _positional(
+        ws, t, world_size=4, token_num=M + 1, pattern=0, allreduce_out=torch.empty(M + 1, D)
+    )
     args[0] = torch.zeros(M + 1, D)
     meta = dict(ws.metadata)
     del meta["hidden_dim"]
@@ -556,10 +699,15 @@ def _launch_reference(call):
     n, d = call.token_num, call.hidden_dim
     x = call.input.reshape(n, d)
     out = allreduce_fusion_reference(
-        [x] * call.world_size, call.pattern, residual_in=call.residual_in.reshape(n, d)
-        if call.residual_in is not None else None, rms_gamma=call.rms_gamma,
-        rms_eps=call.rms_eps, scale_factor=call.scale_factor, weight_bias=call.weight_bias,
-        fp32_acc=call.fp32_acc)
+        [x] * call.world_size,
+        call.pattern,
+        residual_in=call.residual_in.reshape(n, d) if call.residual_in is not None else None,
+        rms_gamma=call.rms_gamma,
+        rms_eps=call.rms_eps,
+        scale_factor=call.scale_factor,
+        weight_bias=call.weight_bias,
+        fp32_acc=call.fp32_acc,
+    )
     for name, value in out.items():
         getattr(call, name).copy_(value.reshape(getattr(call, name).shape))
 
@@ -575,9 +723,20 @@ def test_torch_compile_fullgraph_with_aliasing(ws, dev, monkeypatch, pattern):
             return comm.allreduce_fusion(x, ws, 0) + 0, residual
         q = torch.zeros(x.shape, dtype=torch.float8_e4m3fn)
         sf = torch.ones(x.shape[0], 1)
-        out = comm.allreduce_fusion(x, ws, pattern, residual_in=residual, residual_out=residual,
-                                    norm_out=x, quant_out=q, scale_out=sf, rms_gamma=gamma,
-                                    scale_factor=scale, fp32_acc=True, launch_with_pdl=True)
+        out = comm.allreduce_fusion(
+            x,
+            ws,
+            pattern,
+            residual_in=residual,
+            residual_out=residual,
+            norm_out=x,
+            quant_out=q,
+            scale_out=sf,
+            rms_gamma=gamma,
+            scale_factor=scale,
+            fp32_acc=True,
+            launch_with_pdl=True,
+        )
         return out.float() + q.float() * sf, residual
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
@@ -589,8 +748,13 @@ def test_torch_compile_fullgraph_with_aliasing(ws, dev, monkeypatch, pattern):
         want, want_res = step(t["input"], r2, t["rms_gamma"], scale)
         assert torch.equal(got, want) and torch.equal(got_res, want_res)
         assert torch.equal(r1, r2) and got_res is r1  # residual_out updated in place
-        ref = allreduce_fusion_reference([t["input"]] * W, pattern, residual_in=t["residual_in"],
-                                         rms_gamma=t["rms_gamma"], scale_factor=scale)
+        ref = allreduce_fusion_reference(
+            [t["input"]] * W,
+            pattern,
+            residual_in=t["residual_in"],
+            rms_gamma=t["rms_gamma"],
+            scale_factor=scale,
+        )
         if pattern == 0:
             assert torch.equal(got, ref["allreduce_out"])
             continue

@@ -1,7 +1,6 @@
 """Logging and the standard environment variables: levels, handler, waits, tidy outputs."""
 
 import logging
-import os
 import threading
 import time
 from pathlib import Path
@@ -15,9 +14,16 @@ from fusedcomm.jit import JitSpec, Unit, build
 
 @pytest.fixture
 def clean_env(monkeypatch):
-    for name in ("FUSEDCOMM_CUDA_ARCH_LIST", "TORCH_CUDA_ARCH_LIST", "FUSEDCOMM_BUILD_JOBS",
-                 "MAX_JOBS", "FUSEDCOMM_CACHE_DIR", "XDG_CACHE_HOME", "FUSEDCOMM_LOGLEVEL",
-                 "FUSEDCOMM_QUIET_BUILD"):
+    for name in (
+        "FUSEDCOMM_CUDA_ARCH_LIST",
+        "TORCH_CUDA_ARCH_LIST",
+        "FUSEDCOMM_BUILD_JOBS",
+        "MAX_JOBS",
+        "FUSEDCOMM_CACHE_DIR",
+        "XDG_CACHE_HOME",
+        "FUSEDCOMM_LOGLEVEL",
+        "FUSEDCOMM_QUIET_BUILD",
+    ):
         monkeypatch.delenv(name, raising=False)
     yield monkeypatch
     monkeypatch.undo()
@@ -120,13 +126,15 @@ def test_waiting_for_another_build_is_reported(clean_env, tmp_path, caplog):
     assert "demo for sm_90a is ready (built by another process; waited" in text
 
 
-def test_build_leaves_only_the_module_and_counts_reach_the_total(clean_env, tmp_path, caplog,
-                                                                monkeypatch):
+def test_build_leaves_only_the_module_and_counts_reach_the_total(
+    clean_env, tmp_path, caplog, monkeypatch
+):
     spec = _spec(tmp_path)
     out = tmp_path / "out"
     fake_ninja = tmp_path / "ninja"
-    fake_ninja.write_text("#!/bin/sh\nprintf '[1/3] a\\n[2/3] b\\n[3/3] link\\n'\n"
-                          "touch \"$2/demo.so\"\n")
+    fake_ninja.write_text(
+        "#!/bin/sh\nprintf '[1/3] a\\n[2/3] b\\n[3/3] link\\n'\ntouch \"$2/demo.so\"\n"
+    )
     fake_ninja.chmod(0o755)
     monkeypatch.setattr(build, "_ninja_path", lambda: str(fake_ninja))
     monkeypatch.setattr(build, "ninja_file", lambda *a: "")

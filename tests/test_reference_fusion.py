@@ -20,22 +20,25 @@ def _f32(values):
     return torch.tensor(values, dtype=torch.float32)
 
 
-@pytest.mark.parametrize("x,expected", [
-    (1.0625, 1.0),            # tie between 1.0 and 1.125: even mantissa wins
-    (1.1875, 1.25),           # tie between 1.125 and 1.25
-    (17.0, 16.0),             # tie at step 2
-    (19.0, 20.0),
-    (-1.0625, -1.0),
-    (448.0, 448.0),           # largest finite
-    (464.0, 448.0),           # tie towards an unrepresentable 480: saturates
-    (500.0, 448.0),
-    (1e9, 448.0),
-    (-1e9, -448.0),
-    (float("inf"), 448.0),
-    (2.0**-10, 0.0),          # half the smallest subnormal: tie to zero
-    (3 * 2.0**-10, 2.0**-8),  # 1.5 subnormal steps: tie to the even step (2)
-    (2.0**-9, 2.0**-9),
-])
+@pytest.mark.parametrize(
+    "x,expected",
+    [
+        (1.0625, 1.0),  # tie between 1.0 and 1.125: even mantissa wins
+        (1.1875, 1.25),  # tie between 1.125 and 1.25
+        (17.0, 16.0),  # tie at step 2
+        (19.0, 20.0),
+        (-1.0625, -1.0),
+        (448.0, 448.0),  # largest finite
+        (464.0, 448.0),  # tie towards an unrepresentable 480: saturates
+        (500.0, 448.0),
+        (1e9, 448.0),
+        (-1e9, -448.0),
+        (float("inf"), 448.0),
+        (2.0**-10, 0.0),  # half the smallest subnormal: tie to zero
+        (3 * 2.0**-10, 2.0**-8),  # 1.5 subnormal steps: tie to the even step (2)
+        (2.0**-9, 2.0**-9),
+    ],
+)
 def test_fp8_saturating_round_to_nearest_even(x, expected):
     assert fp8_e4m3(_f32([x])).float().item() == expected
 
@@ -45,12 +48,15 @@ def test_fp8_keeps_nan_and_negative_zero():
     assert torch.isnan(q[0]) and q[1].item() == 0 and torch.signbit(q[1])
 
 
-@pytest.mark.parametrize("scale,y,expected", [
-    (2.0, [1.0, 2.0, -3.0, 0.0], [0.5, 1.0, -1.5, 0.0]),
-    (3.0, [3.0, 6.0], [1.0, 2.0]),      # 3 * fp32(1/3) = 1.00000003 rounds to 1
-    (1.0, [1000.0, -1000.0], [448.0, -448.0]),
-    (0.5, [300.0], [448.0]),            # 600 saturates
-])
+@pytest.mark.parametrize(
+    "scale,y,expected",
+    [
+        (2.0, [1.0, 2.0, -3.0, 0.0], [0.5, 1.0, -1.5, 0.0]),
+        (3.0, [3.0, 6.0], [1.0, 2.0]),  # 3 * fp32(1/3) = 1.00000003 rounds to 1
+        (1.0, [1000.0, -1000.0], [448.0, -448.0]),
+        (0.5, [300.0], [448.0]),  # 600 saturates
+    ],
+)
 def test_static_fp8_multiplies_by_the_fp32_reciprocal(scale, y, expected):
     for s in (scale, _f32([scale]), _f32([scale, 99.0])):  # float, tensor, first element
         assert quantize_fp8_static(_f32(y), s).float().tolist() == expected
@@ -64,10 +70,14 @@ def test_static_fp8_uses_reciprocal_not_division():
 
 
 def test_dynamic_fp8_per_token_scales():
-    y = _f32([[896.0, 1.0, -896.0, 0.0],     # amax 896: scale 2
-              [0.0, 0.0, 0.0, 0.0],          # zero row: the minimum scale, zeros
-              [2.0**-20, 0.0, -2.0**-20, 0.0],  # tiny amax: the minimum scale again
-              [-0.0, 3.0, 1.5, 0.75]])       # amax 3
+    y = _f32(
+        [
+            [896.0, 1.0, -896.0, 0.0],  # amax 896: scale 2
+            [0.0, 0.0, 0.0, 0.0],  # zero row: the minimum scale, zeros
+            [2.0**-20, 0.0, -(2.0**-20), 0.0],  # tiny amax: the minimum scale again
+            [-0.0, 3.0, 1.5, 0.75],
+        ]
+    )  # amax 3
     q, scale = quantize_fp8_dynamic(y.to(torch.bfloat16))
     assert scale.shape == (4, 1) and scale.dtype == torch.float32
     assert scale[0].item() == 2.0
@@ -127,8 +137,8 @@ def test_all_reduce_sanitises_negative_zero():
 
 def test_all_reduce_fp32_accumulation_versus_pairwise():
     x = [torch.tensor([v], dtype=torch.bfloat16) for v in (1.0, 2.0**-8, 2.0**-8)]
-    assert fusion_all_reduce(x, fp32_acc=True).item() == 1.0 + 2.0**-7   # one rounding
-    assert fusion_all_reduce(x, fp32_acc=False).item() == 1.0            # two ties to even
+    assert fusion_all_reduce(x, fp32_acc=True).item() == 1.0 + 2.0**-7  # one rounding
+    assert fusion_all_reduce(x, fp32_acc=False).item() == 1.0  # two ties to even
     # rank order matters when rounding in T: the same values, another order
     assert fusion_all_reduce(x[1:] + x[:1], fp32_acc=False).item() == 1.0 + 2.0**-7
 
@@ -142,22 +152,34 @@ def test_all_reduce_rejects_mismatched_inputs():
         fusion_all_reduce([])
 
 
-@pytest.mark.parametrize("pattern,keys", [
-    (P.kAllReduce, {"allreduce_out"}),
-    (P.kARResidualRMSNorm, {"residual_out", "norm_out"}),
-    (P.kARResidualRMSNormFP8Quant, {"residual_out", "quant_out"}),
-    (P.kARResidualRMSNormOutFP8Quant, {"residual_out", "norm_out", "quant_out"}),
-    (P.kARResidualRMSNormDynamicFP8Quant, {"residual_out", "quant_out", "scale_out"}),
-    (P.kARResidualRMSNormOutDynamicFP8Quant,
-     {"residual_out", "norm_out", "quant_out", "scale_out"}),
-])
+@pytest.mark.parametrize(
+    "pattern,keys",
+    [
+        (P.kAllReduce, {"allreduce_out"}),
+        (P.kARResidualRMSNorm, {"residual_out", "norm_out"}),
+        (P.kARResidualRMSNormFP8Quant, {"residual_out", "quant_out"}),
+        (P.kARResidualRMSNormOutFP8Quant, {"residual_out", "norm_out", "quant_out"}),
+        (P.kARResidualRMSNormDynamicFP8Quant, {"residual_out", "quant_out", "scale_out"}),
+        (
+            P.kARResidualRMSNormOutDynamicFP8Quant,
+            {"residual_out", "norm_out", "quant_out", "scale_out"},
+        ),
+    ],
+)
 def test_pattern_reference_composes_the_steps(pattern, keys):
     gen = torch.Generator().manual_seed(pattern)
     inputs = [torch.randn(5, 64, generator=gen).to(torch.float16) for _ in range(4)]
     residual = torch.randn(5, 64, generator=gen).to(torch.float16)
     gamma = torch.randn(64, generator=gen).to(torch.float16)
-    out = allreduce_fusion_reference(inputs, pattern, residual_in=residual, rms_gamma=gamma,
-                                     rms_eps=1e-5, scale_factor=0.25, weight_bias=1.0)
+    out = allreduce_fusion_reference(
+        inputs,
+        pattern,
+        residual_in=residual,
+        rms_gamma=gamma,
+        rms_eps=1e-5,
+        scale_factor=0.25,
+        weight_bias=1.0,
+    )
     assert set(out) == keys
     s = fusion_all_reduce(inputs)
     if pattern == P.kAllReduce:
@@ -182,5 +204,6 @@ def test_pattern_reference_refuses_what_it_does_not_cover():
     with pytest.raises(ValueError, match="residual_in and rms_gamma"):
         allreduce_fusion_reference(x, P.kARResidualRMSNorm)
     with pytest.raises(ValueError, match="scale_factor"):
-        allreduce_fusion_reference(x, P.kARResidualRMSNormFP8Quant, residual_in=x[0],
-                                   rms_gamma=torch.ones(16))
+        allreduce_fusion_reference(
+            x, P.kARResidualRMSNormFP8Quant, residual_in=x[0], rms_gamma=torch.ones(16)
+        )

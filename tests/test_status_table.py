@@ -7,7 +7,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("status_table", ROOT / "scripts" / "status_table.py")
+    spec = importlib.util.spec_from_file_location(
+        "status_table", ROOT / "scripts" / "status_table.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -18,7 +20,8 @@ def test_readme_status_table_is_current():
     text = script.README.read_text()
     assert script.render(text) == text, (
         "README.md's status table differs from the package's exports: "
-        "run python scripts/status_table.py")
+        "run python scripts/status_table.py"
+    )
 
 
 def test_every_group_is_listed_once_and_tested_rows_name_real_groups():

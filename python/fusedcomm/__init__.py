@@ -5,8 +5,35 @@ built per GPU architecture on first use (or loaded from the prebuilt-kernel pack
 through TVM-FFI and registered as torch custom ops.
 """
 
-from ._version import __version__
-
+from ._version import __version__ as __version__
+from .dlpack_utils import pack_strided_memory
+from .enums import (
+    MAX_COMM_SIZE,
+    AllReduceFusionOp,
+    AllReduceFusionPattern,
+    AllReduceStrategyConfig,
+    AllReduceStrategyType,
+    BarrierFlagCount,
+    OneShotMaxToken,
+    QuantizationSFLayout,
+)
+from .jit import BuildError, MissingModuleError
+from .mapping import Mapping
+from .ops.allreduce_fusion import (
+    allreduce_fusion,
+    trtllm_allreduce_fusion,
+    trtllm_custom_all_reduce,
+)
+from .ops.lamport import trtllm_lamport_initialize, trtllm_lamport_initialize_all
+from .ops.vllm_ar import (
+    vllm_all_reduce,
+    vllm_dispose,
+    vllm_get_graph_buffer_ipc_meta,
+    vllm_init_custom_ar,
+    vllm_meta_size,
+    vllm_register_buffer,
+    vllm_register_graph_buffers,
+)
 from .runtime.comm_backend import (
     CommBackend,
     MnnvlConfig,
@@ -21,23 +48,45 @@ from .runtime.cuda_ipc import (
     create_shared_buffer,
     free_shared_buffer,
 )
-from .dlpack_utils import pack_strided_memory
-from .mapping import Mapping
-from .ops.lamport import trtllm_lamport_initialize, trtllm_lamport_initialize_all
-from .ops.vllm_ar import (
-    vllm_all_reduce,
-    vllm_dispose,
-    vllm_get_graph_buffer_ipc_meta,
-    vllm_init_custom_ar,
-    vllm_meta_size,
-    vllm_register_buffer,
-    vllm_register_graph_buffers,
+from .runtime.failures import (
+    CommFailureError,
+    PeerAbortedError,
+    PeerTimeoutError,
+    ProtocolMismatchError,
+    check_errors,
 )
-from .jit import BuildError, MissingModuleError
-from .runtime.failures import PeerTimeoutError, check_errors
+from .runtime.fusion_workspace import (
+    AllReduceFusionWorkspace,
+    TRTLLMAllReduceFusionWorkspace,
+    create_allreduce_fusion_workspace,
+    fusion_workspace_bytes,
+    trtllm_create_ipc_workspace_for_all_reduce,
+    trtllm_create_ipc_workspace_for_all_reduce_fusion,
+    trtllm_destroy_ipc_workspace_for_all_reduce,
+    trtllm_destroy_ipc_workspace_for_all_reduce_fusion,
+)
 from .warmup import warmup
 
 __all__ = [
+    "AllReduceFusionOp",
+    "AllReduceFusionPattern",
+    "AllReduceFusionWorkspace",
+    "AllReduceStrategyConfig",
+    "AllReduceStrategyType",
+    "BarrierFlagCount",
+    "MAX_COMM_SIZE",
+    "OneShotMaxToken",
+    "QuantizationSFLayout",
+    "TRTLLMAllReduceFusionWorkspace",
+    "allreduce_fusion",
+    "create_allreduce_fusion_workspace",
+    "fusion_workspace_bytes",
+    "trtllm_allreduce_fusion",
+    "trtllm_create_ipc_workspace_for_all_reduce",
+    "trtllm_create_ipc_workspace_for_all_reduce_fusion",
+    "trtllm_custom_all_reduce",
+    "trtllm_destroy_ipc_workspace_for_all_reduce",
+    "trtllm_destroy_ipc_workspace_for_all_reduce_fusion",
     "BuildError",
     "CommBackend",
     "CudaRTLibrary",
@@ -46,7 +95,10 @@ __all__ = [
     "Mapping",
     "MissingModuleError",
     "MnnvlConfig",
+    "CommFailureError",
+    "PeerAbortedError",
     "PeerTimeoutError",
+    "ProtocolMismatchError",
     "SoloBackend",
     "TorchDistBackend",
     "check_errors",

@@ -57,7 +57,9 @@ class StderrHandler(logging.StreamHandler):
         return sys.stderr
 
     @stream.setter
-    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; we always follow sys.stderr
+    def stream(
+        self, value
+    ) -> None:  # StreamHandler.__init__ assigns it; we always follow sys.stderr
         pass
 
     def emit(self, record: logging.LogRecord) -> None:

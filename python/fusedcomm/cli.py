@@ -1,9 +1,9 @@
 """The fusedcomm command: what this machine offers, and timings of our collectives.
 
-  fusedcomm doctor    GPUs, links, compiler, cache, and the state of every module for every
-                      target architecture (visible GPUs and FUSEDCOMM_CUDA_ARCH_LIST)
-  fusedcomm bench     time our collectives beside NCCL on 2 or more visible GPUs
-  fusedcomm --version
+fusedcomm doctor    GPUs, links, compiler, cache, and the state of every module for every
+                    target architecture (visible GPUs and FUSEDCOMM_CUDA_ARCH_LIST)
+fusedcomm bench     time our collectives beside NCCL on 2 or more visible GPUs
+fusedcomm --version
 """
 
 from __future__ import annotations
@@ -46,8 +46,10 @@ def _modules_status() -> list[str]:
     except ValueError as e:
         return [f"  (bad target list: {e})"]
     if not archs:
-        return ["  (no target architecture: no CUDA GPU is visible and neither "
-                "FUSEDCOMM_CUDA_ARCH_LIST nor TORCH_CUDA_ARCH_LIST is set)"]
+        return [
+            "  (no target architecture: no CUDA GPU is visible and neither "
+            "FUSEDCOMM_CUDA_ARCH_LIST nor TORCH_CUDA_ARCH_LIST is set)"
+        ]
     width = max(len(name) for name in ALL_SPECS)
     lines = []
     for arch, source in archs:
@@ -76,8 +78,8 @@ def doctor() -> int:
 
     from . import envs
     from ._version import __version__
-    from .runtime import capability
     from .jit.build import BuildError, find_nvcc, nvcc_version
+    from .runtime import capability
 
     print(f"fusedcomm {__version__}, torch {torch.__version__}, python {sys.version.split()[0]}")
     n = _gpu_count()
@@ -86,18 +88,23 @@ def doctor() -> int:
     for i in range(n):
         try:
             caps = capability.probe_local(i)
-            print(f"  [{i}] {caps.name}, compute capability {caps.compute_capability[0]}."
-                  f"{caps.compute_capability[1]}, {caps.sm_count} SMs, bus {caps.pci_bus_id}; "
-                  f"fabric handles {caps.fabric_handle_supported}, POSIX-fd handles "
-                  f"{caps.posix_fd_supported}, multicast reported {caps.multicast_supported} "
-                  f"(attribute query only; fusedcomm never enables multicast from it)")
+            print(
+                f"  [{i}] {caps.name}, compute capability {caps.compute_capability[0]}."
+                f"{caps.compute_capability[1]}, {caps.sm_count} SMs, bus {caps.pci_bus_id}; "
+                f"fabric handles {caps.fabric_handle_supported}, POSIX-fd handles "
+                f"{caps.posix_fd_supported}, multicast reported {caps.multicast_supported} "
+                f"(attribute query only; fusedcomm never enables multicast from it)"
+            )
         except RuntimeError as e:
             print(f"  [{i}] probe failed: {e}")
     if n > 1:
         p2p = capability.p2p_matrix()
         print("peer access (row can read column):")
         for i, row in enumerate(p2p):
-            print(f"  [{i}] " + " ".join("Y" if v else ("-" if i == j else "n") for j, v in enumerate(row)))
+            print(
+                f"  [{i}] "
+                + " ".join("Y" if v else ("-" if i == j else "n") for j, v in enumerate(row))
+            )
         links = capability.nvlink_matrix()
         if links is None:
             print("NVLink links: unknown (pynvml not installed)")
@@ -136,23 +143,32 @@ def bench(args) -> int:
     world = args.world or n
     if n < 2:
         why = " (torch is a CPU-only build)" if torch.version.cuda is None else ""
-        print(f"fusedcomm bench: {n} CUDA GPU(s) visible{why}; the benchmarks need 2 or more. "
-              "Nothing was timed.", file=sys.stderr)
+        print(
+            f"fusedcomm bench: {n} CUDA GPU(s) visible{why}; the benchmarks need 2 or more. "
+            "Nothing was timed.",
+            file=sys.stderr,
+        )
         return 1
     if world < 2 or world > n:
-        print(f"fusedcomm bench: --world {args.world} needs 2..{n} ranks "
-              f"({n} CUDA GPU(s) visible)", file=sys.stderr)
+        print(
+            f"fusedcomm bench: --world {args.world} needs 2..{n} ranks ({n} CUDA GPU(s) visible)",
+            file=sys.stderr,
+        )
         return 2
     from .bench import allreduce
 
     result = _bench_gpu(world, args.quick)
     f = result["foundation"]
-    print(f"create_shared_buffer(64 MiB), {world} ranks: {f['create_shared_buffer_64MiB_ms']:.2f} ms; "
-          f"Lamport init of 64 MiB: {f['lamport_init_64MiB_us']:.1f} us "
-          f"({f['lamport_init_GBps']:.0f} GB/s), read back {'ok' if f['lamport_ok'] else 'WRONG'}")
+    print(
+        f"create_shared_buffer(64 MiB), {world} ranks: {f['create_shared_buffer_64MiB_ms']:.2f} ms; "
+        f"Lamport init of 64 MiB: {f['lamport_init_64MiB_us']:.1f} us "
+        f"({f['lamport_init_GBps']:.0f} GB/s), read back {'ok' if f['lamport_ok'] else 'WRONG'}"
+    )
     table = allreduce.markdown(result["allreduce"])
-    print(f"\nall-reduce, bf16, hidden {allreduce.HIDDEN}, {world} ranks, microseconds per call "
-          "(median of 5 timed loops, CUDA events):\n")
+    print(
+        f"\nall-reduce, bf16, hidden {allreduce.HIDDEN}, {world} ranks, microseconds per call "
+        "(median of 5 timed loops, CUDA events):\n"
+    )
     print(table)
     print("\ntargets:")
     for line in allreduce.check_targets(result["allreduce"]):
@@ -174,8 +190,9 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
-    parser = argparse.ArgumentParser(prog="fusedcomm", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="fusedcomm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--version", action="version", version=f"fusedcomm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("doctor", help="GPUs, links, compiler, cache and module status")

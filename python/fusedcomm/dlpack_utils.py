@@ -18,7 +18,8 @@ torch refuses it, the block is freed here. Each call makes a new capsule.
 from __future__ import annotations
 
 import ctypes
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.utils.dlpack

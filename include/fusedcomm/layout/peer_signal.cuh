@@ -1,23 +1,26 @@
-// The signal header at the start of every rank's meta buffer (the vLLM-compatible layout).
+// The signal header at the start of every rank's meta buffer (vLLM-style all-reduce).
 //
-//   self_counter[block][peer]            how often this rank's block met `peer`
-//   peer_counter[parity][block][peer]    written by `peer`: its count for the meeting
-// Two parities let consecutive meetings of one collective alternate slots, so a fast rank's
-// next arrival never overwrites a value a slow rank has not read yet. Scratch space for the
-// two-shot partial sums follows the header directly.
+//   self_counter[block][peer]            how many meetings this rank's block had with `peer`
+//   peer_value[parity][block][peer]      written by `peer`: its meeting value (see meeting.cuh)
+//   abort_mark[peer]                     written by `peer` when it gave up (see sync/wait.cuh)
+// Two parities let consecutive meetings alternate slots, so a fast rank's next arrival never
+// overwrites a value a slow rank has not read yet. Scratch space for the two-shot partial sums
+// follows the header directly.
 #pragma once
 #include <cstdint>
+
+#include "fusedcomm/sync/wait.cuh"
 
 namespace fusedcomm {
 
 constexpr int kMaxBlocks = 36;
-constexpr int kMaxRanks = 8;
 
 struct PeerSignal {
   alignas(128) uint32_t self_counter[kMaxBlocks][kMaxRanks];
-  alignas(128) uint32_t peer_counter[2][kMaxBlocks][kMaxRanks];
+  alignas(128) uint32_t peer_value[2][kMaxBlocks][kMaxRanks];
+  alignas(128) uint32_t abort_mark[kMaxRanks];
 };
-static_assert(sizeof(PeerSignal) == 3456, "the published meta size is 3456 bytes");
+static_assert(sizeof(PeerSignal) % 128 == 0, "scratch after the header stays 128-byte aligned");
 
 __host__ __device__ inline char* scratch_after(PeerSignal* signal) {
   return reinterpret_cast<char*>(signal) + sizeof(PeerSignal);

@@ -1,39 +1,58 @@
-// wait_flag_equals: the one spin loop in fusedcomm. Every wait for a peer goes through it.
+// wait_until: the one spin loop in fusedcomm. Every wait for a peer goes through it.
 //
-// It polls `flag` until it equals `expected`. It gives up, returning false, when
-//   - more than site.timeout_ns nanoseconds pass: the first waiter to give up (over all blocks
-//     and launches) claims the FailureState and records op, rank, peer, phase, block, the
-//     expected and last observed value, and the time waited; or
-//   - another waiter has already claimed the FailureState: a lost peer stops every wait.
-// The caller must then leave the kernel (usually after __syncthreads_and on the result).
-// No recording state (site.failure.claim == nullptr) means: print the same facts and trap.
+// A FailureSite says on whose behalf a kernel waits: the communicator's FailureState, the
+// abort marks of every rank (marks[q][p] != 0: rank p gave up; marks[q] is rank q's copy,
+// mapped here), the timeout and the op. wait_until(site, peer, phase, ready) calls `ready`
+// until it returns true, and gives up, returning false, when
+//   - this communicator failed here meanwhile (another block claimed it),
+//   - `peer` has marked that it gave up (kFailurePeerAborted),
+//   - `ready` reports a value that cannot become right (kFailureMismatch), or
+//   - more than site.timeout_ns nanoseconds pass (kFailureTimeout).
+// Giving up for one of the last three reasons claims the FailureState, fills its record and
+// marks every peer, so that a rank that gives up never leaves a peer waiting or computing on
+// stale data. The caller must then leave the kernel (after __syncthreads_and on the result).
+// A site with no FailureState prints the same facts and traps.
 #pragma once
 #include <cstdio>
 
-#include "fusedcomm/common/status.cuh"
-#include "fusedcomm/sync/flag.cuh"
+#include "fusedcomm/common/failure.cuh"
+#include "fusedcomm/common/ptx.cuh"
 
 namespace fusedcomm {
 
-struct WaitSite {
+constexpr int kMaxRanks = 8;
+
+enum class Poll { kWait, kReady, kMismatch };
+
+struct FailureSite {
   FailureState failure;
+  uint32_t* marks[kMaxRanks];  // marks[q]: rank q's abort marks (kMaxRanks words), mapped here
   uint64_t timeout_ns;
   int32_t op;
   int32_t rank;
   int32_t world;
+
+  __device__ __forceinline__ bool failed() const { return ld_volatile(failure.claim) != 0; }
+  __device__ __forceinline__ bool peer_gave_up(int peer) const {
+    return ld_relaxed_sys(&marks[rank][peer]) != 0;
+  }
 };
 
-__device__ __forceinline__ void record_failure(const WaitSite& site, int peer, int phase,
-                                               uint32_t expected, uint32_t observed,
-                                               uint64_t waited_ns) {
+inline __device__ __noinline__ void record_failure(const FailureSite& site, int32_t code, int peer,
+                                                   int phase, uint32_t expected, uint32_t observed,
+                                                   uint64_t waited_ns) {
   if (site.failure.claim == nullptr) {
-    printf("fusedcomm: op %d rank %d: rank %d did not arrive within %llu ns (phase %d, block %d,"
-           " expected %u, observed %u)\n",
-           site.op, site.rank, peer, (unsigned long long)site.timeout_ns, phase, blockIdx.x,
-           expected, observed);
+    printf(
+        "fusedcomm: op %d rank %d: gave up on rank %d (code %d, phase %d, block %d, expected "
+        "%u, observed %u, %llu ns)\n",
+        site.op, site.rank, peer, code, phase, blockIdx.x, expected, observed,
+        (unsigned long long)waited_ns);
     __trap();
   }
   if (atomicCAS(site.failure.claim, 0, 1) != 0) return;
+  for (int q = 0; q < site.world; ++q) {
+    if (q != site.rank) st_relaxed_sys(&site.marks[q][site.rank], 1u);
+  }
   FailureRecord* r = site.failure.record;
   r->op = site.op;
   r->rank = site.rank;
@@ -46,29 +65,44 @@ __device__ __forceinline__ void record_failure(const WaitSite& site, int peer, i
   r->timeout_ns = site.timeout_ns;
   r->world = site.world;
   __threadfence_system();
-  *reinterpret_cast<volatile int32_t*>(&r->code) = kFailureTimeout;
+  *reinterpret_cast<volatile int32_t*>(&r->code) = code;
   __threadfence_system();
 }
 
-template <MemOrder kOrder>
-__device__ __forceinline__ bool wait_flag_equals(const uint32_t* flag, uint32_t expected,
-                                                 const WaitSite& site, int peer, int phase) {
-  uint32_t observed = flag_load<kOrder>(flag);
-  if (observed == expected) return true;
+// `ready(observed)` polls once: it returns kReady, kWait or kMismatch and stores the word it saw
+// in `observed` (for the record). Use relaxed or acquire loads (or volatile 16-byte loads) in
+// it, never plain loads the compiler may hoist out of the loop.
+//
+// The claim is not re-read before the first poll: a caller checks it before its first store of
+// a call (kernel entry, or overlapped with the meeting's own loads in cta_meet), and a claim set
+// by another block while this one waits is seen at the next periodic check.
+template <typename Ready>
+__device__ __forceinline__ bool wait_until(const FailureSite& site, int peer, int phase,
+                                           uint32_t expected, Ready&& ready) {
+  uint32_t observed = 0;
+  Poll p = ready(observed);
+  if (p == Poll::kReady) return true;
   const uint64_t start = globaltimer_ns();
   for (uint32_t spins = 1;; ++spins) {
-    observed = flag_load<kOrder>(flag);
-    if (observed == expected) return true;
-    if ((spins & 1023u) != 0) continue;
-    if (site.failure.claim != nullptr &&
-        *reinterpret_cast<volatile int32_t*>(site.failure.claim) != 0) {
+    if (p == Poll::kMismatch) {
+      record_failure(site, kFailureMismatch, peer, phase, expected, observed,
+                     globaltimer_ns() - start);
       return false;
     }
-    const uint64_t waited = globaltimer_ns() - start;
-    if (waited > site.timeout_ns) {
-      record_failure(site, peer, phase, expected, observed, waited);
-      return false;
+    if ((spins & 255u) == 0) {
+      if (site.failure.claim != nullptr && site.failed()) return false;
+      const uint64_t waited = globaltimer_ns() - start;
+      if (site.peer_gave_up(peer)) {
+        record_failure(site, kFailurePeerAborted, peer, phase, expected, observed, waited);
+        return false;
+      }
+      if (waited > site.timeout_ns) {
+        record_failure(site, kFailureTimeout, peer, phase, expected, observed, waited);
+        return false;
+      }
     }
+    p = ready(observed);
+    if (p == Poll::kReady) return true;
   }
 }
 

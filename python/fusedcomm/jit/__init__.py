@@ -9,7 +9,7 @@ from .loader import (
     load,
     locate,
 )
-from .modules import ALL_SPECS, get_spec
+from .modules import ALL_SPECS, DEFAULT_SPECS, get_spec
 from .spec import JitSpec, Unit
 
 
@@ -20,6 +20,7 @@ def load_module(name: str, arch: str | None = None):
 
 __all__ = [
     "ALL_SPECS",
+    "DEFAULT_SPECS",
     "BuildError",
     "JitSpec",
     "MissingModuleError",

@@ -146,8 +146,14 @@ def compile_spec(spec: JitSpec, arch: str, build_dir: Path, output: Path) -> flo
                 what = line.split("] ", 1)[1]
                 if what in units:  # count units ourselves: ninja's total includes the link
                     done += 1
-                    _say("  [%d/%d] %s (%.1f s)", done, n, what, time.monotonic() - start,
-                         progress=True)
+                    _say(
+                        "  [%d/%d] %s (%.1f s)",
+                        done,
+                        n,
+                        what,
+                        time.monotonic() - start,
+                        progress=True,
+                    )
     if proc.returncode != 0:
         tail = "\n".join(log[-80:])
         raise BuildError(f"fusedcomm: building {spec.name} for {target} failed:\n{tail}")
@@ -191,15 +197,24 @@ def _acquire(lock: FileLock, spec: JitSpec, arch: str, dest: Path) -> float | No
     except Timeout:
         pass
     start = time.monotonic()
-    _say("waiting for %s for %s: %s is compiling it (lock %s)", spec.name, sm_name(arch),
-         _describe_owner(dest), lock.lock_file)
+    _say(
+        "waiting for %s for %s: %s is compiling it (lock %s)",
+        spec.name,
+        sm_name(arch),
+        _describe_owner(dest),
+        lock.lock_file,
+    )
     while True:
         try:
             lock.acquire(timeout=WAIT_REPORT_S)
             return time.monotonic() - start
         except Timeout:
-            _say("still waiting for %s for %s (%.0f s so far)", spec.name, sm_name(arch),
-                 time.monotonic() - start)
+            _say(
+                "still waiting for %s for %s (%.0f s so far)",
+                spec.name,
+                sm_name(arch),
+                time.monotonic() - start,
+            )
 
 
 def _remove_empty_dirs(folder: Path, keep: Path) -> None:
@@ -228,8 +243,12 @@ def build_into(spec: JitSpec, arch: str, dest: Path, build_root: Path) -> float 
     try:
         if dest.exists():
             if waited is not None:
-                _say("%s for %s is ready (built by another process; waited %.1f s)", spec.name,
-                     sm_name(arch), waited)
+                _say(
+                    "%s for %s is ready (built by another process; waited %.1f s)",
+                    spec.name,
+                    sm_name(arch),
+                    waited,
+                )
             return None
         owner = _owner_file(dest)
         owner.write_text(f"{os.getpid()} on {socket.gethostname()}\n")

@@ -159,6 +159,7 @@ def check_private_tree(root: Path, path: Path) -> None:
 
 def locate(spec: JitSpec, arch: str, *, allow_build: bool = True) -> Path:
     """The path of a loadable module file for ``spec`` and ``arch``; builds it if needed."""
+    arch = spec.target(arch)
     prebuilt = find_prebuilt(spec, arch)
     if prebuilt is not None:
         return prebuilt
@@ -186,8 +187,9 @@ def locate(spec: JitSpec, arch: str, *, allow_build: bool = True) -> Path:
     side = _sidecar(dest)
     if not side.exists():
         tmp = side.with_name(f".{side.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"source_hash": spec.source_hash(arch),
-                                   "nvcc": nvcc_version(find_nvcc())}))
+        tmp.write_text(
+            json.dumps({"source_hash": spec.source_hash(arch), "nvcc": nvcc_version(find_nvcc())})
+        )
         os.replace(tmp, side)
     check_safe(dest)
     return dest
@@ -206,8 +208,11 @@ _loaded: dict[tuple[str, str], object] = {}
 
 
 def load(spec: JitSpec, arch: str | None = None):
-    """Load ``spec`` as a TVM-FFI module (once per process and architecture)."""
-    arch = arch or current_arch()
+    """Load ``spec`` as a TVM-FFI module (once per process and architecture).
+
+    A host-only module needs no GPU and no architecture: the one build serves all.
+    """
+    arch = spec.target(arch or "") or current_arch()
     key = (spec.name, arch)
     module = _loaded.get(key)
     if module is not None:

@@ -1,26 +1,27 @@
-"""The JitSpec of every CUDA module fusedcomm ships; the one list AOT builds and doctor checks."""
+"""Every CUDA module fusedcomm can build: the one registry AOT builds, warmup loads and doctor
+checks. Families generate their per-configuration specs (see allreduce_peer.py)."""
 
 from __future__ import annotations
 
+from . import allreduce_fusion, allreduce_peer
 from .spec import JitSpec, Unit
 
-DTYPES = ("f32", "f16", "bf16")
+# Failure records (host code only).
+RUNTIME = JitSpec(name="runtime", units=(Unit("runtime.cu"),), host_only=True)
 
-RUNTIME = JitSpec(
-    name="runtime",
-    units=(Unit("runtime.cu"), Unit("lamport.cu")),
-)
+# The Lamport fill kernel.
+LAMPORT = JitSpec(name="lamport", units=(Unit("lamport.cu"),))
 
-VLLM_AR = JitSpec(
-    name="vllm_ar",
-    units=(
-        Unit("vllm_ar.cu"),
-        Unit("vllm_ar_graph.cu"),
-        *(Unit("vllm_ar_launch.cu", (f"FC_DTYPE={d}",)) for d in DTYPES),
-    ),
-)
+ALL_SPECS: dict[str, JitSpec] = {
+    s.name: s
+    for s in (RUNTIME, LAMPORT, *allreduce_peer.all_specs(), *allreduce_fusion.all_specs())
+}
 
-ALL_SPECS: dict[str, JitSpec] = {s.name: s for s in (RUNTIME, VLLM_AR)}
+# What engines use: the default set for warmup() and the AOT build.
+DEFAULT_SPECS: dict[str, JitSpec] = {
+    s.name: s
+    for s in (RUNTIME, LAMPORT, *allreduce_peer.default_specs(), *allreduce_fusion.default_specs())
+}
 
 
 def get_spec(name: str) -> JitSpec:

@@ -57,9 +57,19 @@ class Unit:
         return f"{stem}_{suffix}.o" if suffix else f"{stem}.o"
 
 
+# The architecture name under which host-only modules (no device code) are built and cached.
+HOST_ARCH = "host"
+
+
 @dataclasses.dataclass(frozen=True)
 class JitSpec:
-    """A named CUDA module: its compile units and extra flags."""
+    """A named CUDA module: its compile units and extra flags.
+
+    ``key`` holds the configuration fields the module was generated from (e.g. dtype and world
+    size); they are already part of the units' definitions and so of the cache key. A
+    ``host_only`` module has no device code: it is built once, for every architecture, under
+    the name HOST_ARCH.
+    """
 
     name: str
     units: tuple[Unit, ...]
@@ -67,6 +77,12 @@ class JitSpec:
     ldflags: tuple[str, ...] = ()
     csrc_dir: Path = CSRC_DIR
     include_dir: Path = INCLUDE_DIR
+    key: tuple[tuple[str, str], ...] = ()
+    host_only: bool = False
+
+    def target(self, arch: str) -> str:
+        """The architecture this module is built for when ``arch`` is asked for."""
+        return HOST_ARCH if self.host_only else arch
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[a-z][a-z0-9_]*", self.name):
@@ -89,8 +105,19 @@ class JitSpec:
         h = hashlib.sha256()
         from .._version import __version__
 
-        parts = (__version__, self.name, arch, *_toolchain_facts(), *BASE_CUDA_FLAGS, "|",
-                 *self.cuda_cflags, "|", *BASE_LDFLAGS, "|", *self.ldflags)
+        parts = (
+            __version__,
+            self.name,
+            arch,
+            *_toolchain_facts(),
+            *BASE_CUDA_FLAGS,
+            "|",
+            *self.cuda_cflags,
+            "|",
+            *BASE_LDFLAGS,
+            "|",
+            *self.ldflags,
+        )
         for part in parts:
             h.update(part.encode() + b"\0")
         for unit in self.units:
@@ -138,7 +165,9 @@ def _collect_includes(sources: list[Path], include_dir: Path, csrc_dir: Path) ->
 
 
 def gencode_flag(arch: str) -> str:
-    """'9.0a' -> -gencode=arch=compute_90a,code=sm_90a."""
+    """'9.0a' -> -gencode=arch=compute_90a,code=sm_90a; HOST_ARCH -> '' (no device code)."""
+    if arch == HOST_ARCH:
+        return ""
     m = re.fullmatch(r"(\d+)\.(\d+)([af]?)", arch)
     if not m:
         raise ValueError(f"arch {arch!r} must look like '9.0a', '10.0a' or '8.0'")
@@ -147,5 +176,7 @@ def gencode_flag(arch: str) -> str:
 
 
 def sm_name(arch: str) -> str:
+    if arch == HOST_ARCH:
+        return "the host (any GPU)"
     gencode_flag(arch)
     return "sm_" + arch.replace(".", "")

@@ -9,7 +9,7 @@ torch.compile traces, so both paths run the same code.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

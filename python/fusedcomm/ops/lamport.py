@@ -17,7 +17,9 @@ def _elem_bytes(op: str, dtype: torch.dtype) -> int:
     try:
         return _ELEM_BYTES[dtype]
     except KeyError:
-        raise TypeError(f"{op}: dtype {dtype} is not supported (float16, bfloat16, float32)") from None
+        raise TypeError(
+            f"{op}: dtype {dtype} is not supported (float16, bfloat16, float32)"
+        ) from None
 
 
 def _check_int(op: str, name: str, value) -> int:
@@ -32,7 +34,7 @@ def _fill(op: str, ptr: int, num_bytes: int, elem_bytes: int) -> None:
         raise ValueError(f"{op}: buffer pointer ({ptr:#x}) must be non-null and 16-byte aligned")
     device = torch.cuda.current_device()
     stream = torch.cuda.current_stream(device).cuda_stream
-    load_module("runtime").lamport_initialize(ptr, num_bytes, elem_bytes, device, stream)
+    load_module("lamport").lamport_initialize(ptr, num_bytes, elem_bytes, device, stream)
 
 
 def _lamport_initialize_impl(buffer_ptr: int, size: int, dtype_bytes: int) -> None:
@@ -48,8 +50,8 @@ register_op(
 def trtllm_lamport_initialize(buffer_ptr: int, size: int, dtype: torch.dtype) -> None:
     """Mark ``size`` elements of ``dtype`` at ``buffer_ptr`` as empty (negative zero).
 
-    Runs on the current CUDA stream of the current device. The fill covers whole 16-byte chunks,
-    so a size that is not a multiple of 16 bytes also fills the rest of the last chunk.
+    Runs on the current CUDA stream of the current device. Exactly ``size`` elements are
+    written, also when that is not a multiple of 16 bytes (nothing past the end is touched).
     """
     op = "trtllm_lamport_initialize"
     elem = _elem_bytes(op, dtype)
@@ -58,8 +60,10 @@ def trtllm_lamport_initialize(buffer_ptr: int, size: int, dtype: torch.dtype) ->
     if tracing():
         # A raw pointer gives torch.compile nothing to order the fill with, so a compiled graph
         # could drop or reorder it: refuse rather than silently skip it.
-        raise NotImplementedError(f"{op}: call it outside torch.compile regions (setup code); "
-                                  "it fills raw device memory that the graph cannot see")
+        raise NotImplementedError(
+            f"{op}: call it outside torch.compile regions (setup code); "
+            "it fills raw device memory that the graph cannot see"
+        )
     require_cuda(op)
     _lamport_initialize_impl(buffer_ptr, size, elem)
 
@@ -70,7 +74,7 @@ def trtllm_lamport_initialize_all(
     """Mark three Lamport buffers as empty, then wait for the device.
 
     For compatibility with existing callers ``size`` counts **bytes** here (each buffer gets
-    ``size`` bytes, rounded up to 16), unlike trtllm_lamport_initialize, which counts elements.
+    ``size`` bytes), unlike trtllm_lamport_initialize, which counts elements.
     """
     op = "trtllm_lamport_initialize_all"
     elem = _elem_bytes(op, dtype)

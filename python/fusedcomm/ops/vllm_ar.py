@@ -14,31 +14,72 @@ capture every rank calls vllm_get_graph_buffer_ipc_meta, all-gathers the result 
 to vllm_register_graph_buffers before the first replay.
 
 Results are the fp32-accumulated sum in rank order, rounded once to the dtype, and identical
-on every rank. A rank that does not arrive within the timeout makes the others give up and
-raise PeerTimeoutError instead of hanging.
+on every rank. A rank that does not arrive within the timeout raises PeerTimeoutError; it tells
+its peers, which raise PeerAbortedError, so no rank hangs or keeps a wrong result unreported
+(docs/failure-protocol.md). Kernels are built per (dtype, world size) on first use.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import torch
 
 from .. import envs
-from ..jit import load_module
-from ..runtime.failures import check_device, failure_state
+from ..jit import allreduce_peer as specs
+from ..jit import load
+from ..runtime.failures import FailureState, FamilyNames
 from ._register import register_op, tracing
 
-_ALGORITHMS = {"auto": 0, "oneshot": 1, "twoshot": 2}
-_handles: dict[int, tuple] = {}  # live handle -> (device, FailureState, failure count at creation)
+
+@dataclasses.dataclass
+class _Handle:
+    device: int
+    world: int
+    failure: FailureState
+    launchers: dict  # torch dtype -> kernel launcher address
+    run: object  # the control module's all-reduce entry (looked up once)
 
 
-_loaded = None
+_handles: dict[int, _Handle] = {}
+# Algorithm name -> code, from the control module; filled when the first handle is created
+# (eagerly), so traced code reads a plain dict.
+_ALGORITHMS: dict[str, int] = {}
 
 
-def _module():
-    global _loaded
-    if _loaded is None:
-        _loaded = load_module("vllm_ar")
-    return _loaded
+@functools.cache
+def _control():
+    """The host-only control module (no GPU or architecture needed to load it)."""
+    return load(specs.control_spec())
+
+
+@functools.cache
+def _describe() -> dict:
+    return dict(_control().allreduce_peer_describe())
+
+
+def _algorithm_code(algorithm) -> int:
+    if not _ALGORITHMS:
+        _ALGORITHMS.update((str(a), i) for i, a in enumerate(_describe()["algorithms"]))
+    code = _ALGORITHMS.get(algorithm) if isinstance(algorithm, str) else None
+    if code is None:
+        raise ValueError(
+            f"vllm_all_reduce: algorithm ({algorithm!r}) must be one of {list(_ALGORITHMS)}"
+        )
+    return code
+
+
+def _launcher(h: _Handle, dtype: torch.dtype) -> int:
+    """The launcher of the kernel module for (dtype, world), loaded (built) on first use."""
+    module = load(specs.kernel_spec(specs.dtype_key(dtype), specs.world_key(h.world)))
+    if int(module.allreduce_peer_abi()) != int(_control().allreduce_peer_abi()):
+        raise RuntimeError(
+            "vllm_all_reduce: the kernel and control modules were built from "
+            "different sources; clear the JIT cache or rebuild the prebuilt set"
+        )
+    address = h.launchers[dtype] = int(module.allreduce_peer_launcher())
+    return address
 
 
 def _as_ptr(op: str, value) -> int:
@@ -49,41 +90,67 @@ def _as_ptr(op: str, value) -> int:
     return value
 
 
-def _handle_device(op: str, fa: int) -> int:
+def _handle(op: str, fa: int) -> _Handle:
     try:
-        return _handles[fa][0]
+        return _handles[fa]
     except (KeyError, TypeError):
-        raise ValueError(f"{op}: fa ({fa!r}) is not a live handle (never created, or disposed)") from None
-
-
-def _refuse_if_failed(op: str, fa: int) -> None:
-    device, state, failures = _handles[fa]
-    check_device(device)
-    if state.failures != failures:
-        raise RuntimeError(
-            f"{op}: handle {fa} was created before a peer timeout on cuda:{device}; its signal "
-            "counters may be out of step with its peers'. Dispose it and create a new one over "
-            "fresh (zeroed) meta buffers on every rank.")
+        raise ValueError(
+            f"{op}: fa ({fa!r}) is not a live handle (never created, or disposed)"
+        ) from None
 
 
 def vllm_meta_size() -> int:
-    """Bytes of the signal header at the start of each rank's meta buffer (3456)."""
-    return int(_module().vllm_meta_size())
+    """Bytes of the signal header at the start of each rank's meta buffer.
+
+    A constant of the library (no GPU needed); each rank's meta buffer is this header followed
+    by scratch space for two-shot partial sums (as large as the largest message).
+    """
+    return int(_describe()["meta_bytes"])
 
 
-def _init_impl(ipc_tensors: list[int], rank_data: torch.Tensor, rank: int, full_nvlink: bool,
-               timeout_s: float) -> int:
-    state = failure_state(rank_data.device.index)
-    fa = int(_module().vllm_init_custom_ar(
-        ipc_tensors, rank_data, rank, full_nvlink, state.claim_ptr, state.record_device_ptr,
-        timeout_s,
-    ))
-    _handles[fa] = (rank_data.device.index, state, state.failures)
+def _init_impl(
+    ipc_tensors: list[int],
+    rank_data: torch.Tensor,
+    rank: int,
+    full_nvlink: bool,
+    timeout_s: float,
+    meta_bytes: int = 0,
+) -> int:
+    device = rank_data.device.index
+    d = _describe()
+    failure = FailureState(device, FamilyNames(str(d["op"]), tuple(str(p) for p in d["phases"])))
+    try:
+        fa = int(
+            _control().allreduce_peer_init(
+                ipc_tensors,
+                rank_data,
+                rank,
+                full_nvlink,
+                failure.claim_ptr,
+                failure.record_device_ptr,
+                timeout_s,
+                meta_bytes,
+            )
+        )
+    except BaseException:
+        failure.close()
+        raise
+    _handles[fa] = _Handle(
+        device, len(ipc_tensors), failure, {}, _control().allreduce_peer_all_reduce
+    )
+    _algorithm_code("auto")  # fills _ALGORITHMS outside any trace
     return fa
 
 
-def vllm_init_custom_ar(ipc_tensors, rank_data: torch.Tensor, rank: int, full_nvlink: bool,
-                        *, timeout_s: float | None = None) -> int:
+def vllm_init_custom_ar(
+    ipc_tensors,
+    rank_data: torch.Tensor,
+    rank: int,
+    full_nvlink: bool,
+    *,
+    timeout_s: float | None = None,
+    meta_bytes: int | None = None,
+) -> int:
     """Create an all-reduce handle over every rank's meta buffer; returns an opaque int.
 
     ``ipc_tensors``: one pointer per rank (ints, or tensors whose data_ptr is used) to that
@@ -91,7 +158,13 @@ def vllm_init_custom_ar(ipc_tensors, rank_data: torch.Tensor, rank: int, full_nv
     vllm_meta_size() bytes followed by scratch space at least as large as the largest message.
     ``rank_data``: a CUDA uint8 tensor holding 64-byte pointer records, one per registered
     buffer and per input captured in a CUDA graph. ``timeout_s`` bounds every wait for a peer
-    (default FUSEDCOMM_TIMEOUT_S, 30 s).
+    (default FUSEDCOMM_TIMEOUT_S, 30 s). ``meta_bytes``: the size of each meta buffer, header
+    included (default: up to the end of the allocation holding this rank's meta buffer); two-shot
+    messages that need more scratch than it holds are refused before launch.
+
+    If a wait gives up, on any rank, every rank's next call (or check_errors()) raises a
+    CommFailureError subclass and the handle is refused from then on: dispose of it and create
+    a new one over fresh, zeroed meta buffers on every rank.
     """
     op = "vllm_init_custom_ar"
     if not isinstance(ipc_tensors, (list, tuple)):
@@ -100,11 +173,16 @@ def vllm_init_custom_ar(ipc_tensors, rank_data: torch.Tensor, rank: int, full_nv
     if not full_nvlink and len(ptrs) > 2:
         raise NotImplementedError(
             f"{op}: full_nvlink=False supports only 2 ranks (got {len(ptrs)}); without NVLink "
-            "between every pair of GPUs use NCCL")
+            "between every pair of GPUs use NCCL"
+        )
     if not isinstance(rank_data, torch.Tensor) or not rank_data.is_cuda:
         raise TypeError(f"{op}: rank_data must be a CUDA tensor")
     timeout = envs.default_timeout_s() if timeout_s is None else float(timeout_s)
-    return _init_impl(ptrs, rank_data, int(rank), bool(full_nvlink), timeout)
+    if meta_bytes is not None and (
+        isinstance(meta_bytes, bool) or not isinstance(meta_bytes, int) or meta_bytes <= 0
+    ):
+        raise ValueError(f"{op}: meta_bytes ({meta_bytes!r}) must be a positive int")
+    return _init_impl(ptrs, rank_data, int(rank), bool(full_nvlink), timeout, meta_bytes or 0)
 
 
 def vllm_register_buffer(fa: int, fake_ipc_ptrs) -> None:
@@ -114,16 +192,23 @@ def vllm_register_buffer(fa: int, fake_ipc_ptrs) -> None:
     create_shared_buffer. The buffer can then be passed as ``reg_buffer`` or read in place.
     """
     op = "vllm_register_buffer"
-    _handle_device(op, fa)
-    _module().vllm_register_buffer(fa, [_as_ptr(op, p) for p in fake_ipc_ptrs])
+    _handle(op, fa).failure.check(op)
+    _control().allreduce_peer_register_buffer(fa, [_as_ptr(op, p) for p in fake_ipc_ptrs])
 
 
-def _all_reduce_impl(fa: int, inp: torch.Tensor, out: torch.Tensor, reg_buffer: int,
-                     reg_buffer_sz_bytes: int, num_ctas: int, algorithm: int = 0) -> None:
-    if fa not in _handles:
-        _handle_device("vllm_all_reduce", fa)
-    _refuse_if_failed("vllm_all_reduce", fa)
-    (_loaded or _module()).vllm_all_reduce(fa, inp, out, reg_buffer, reg_buffer_sz_bytes, num_ctas, algorithm)
+def _all_reduce_impl(
+    fa: int,
+    inp: torch.Tensor,
+    out: torch.Tensor,
+    reg_buffer: int,
+    reg_buffer_sz_bytes: int,
+    num_ctas: int,
+    algorithm: int = 0,
+) -> None:
+    h = _handles.get(fa) or _handle("vllm_all_reduce", fa)
+    h.failure.check("vllm_all_reduce")
+    launcher = h.launchers.get(inp.dtype) or _launcher(h, inp.dtype)
+    h.run(fa, inp, out, reg_buffer, reg_buffer_sz_bytes, num_ctas, algorithm, launcher)
 
 
 def _all_reduce_fake(fa, inp, out, reg_buffer, reg_buffer_sz_bytes, num_ctas, algorithm=0):
@@ -138,8 +223,16 @@ _all_reduce_op = register_op(
 )
 
 
-def vllm_all_reduce(fa: int, inp: torch.Tensor, out: torch.Tensor, reg_buffer: int,
-                    reg_buffer_sz_bytes: int, num_ctas: int, *, algorithm: str = "auto") -> None:
+def vllm_all_reduce(
+    fa: int,
+    inp: torch.Tensor,
+    out: torch.Tensor,
+    reg_buffer: int,
+    reg_buffer_sz_bytes: int,
+    num_ctas: int,
+    *,
+    algorithm: str = "auto",
+) -> None:
     """out = sum of ``inp`` over all ranks (out of place), on the current stream.
 
     If ``reg_buffer`` is non-zero (a registered buffer's own pointer) ``inp`` is first copied
@@ -150,11 +243,7 @@ def vllm_all_reduce(fa: int, inp: torch.Tensor, out: torch.Tensor, reg_buffer: i
     1..36 thread blocks. ``algorithm``: "auto" (one-shot for 2 ranks and small messages,
     two-shot otherwise), "oneshot" or "twoshot".
     """
-    try:
-        code = _ALGORITHMS[algorithm]
-    except (KeyError, TypeError):
-        raise ValueError(f"vllm_all_reduce: algorithm ({algorithm!r}) must be one of "
-                         f"{sorted(_ALGORITHMS)}") from None
+    code = _algorithm_code(algorithm)
     if tracing():
         _all_reduce_op(fa, inp, out, reg_buffer, reg_buffer_sz_bytes, num_ctas, code)
     else:
@@ -167,8 +256,8 @@ def vllm_get_graph_buffer_ipc_meta(fa: int) -> tuple[list[int], list[int]]:
     Returns ``(handle_bytes, offsets)``: 64 bytes per captured input (as signed ints, one per
     byte, concatenated) and each input's byte offset inside its allocation.
     """
-    _handle_device("vllm_get_graph_buffer_ipc_meta", fa)
-    handles, offsets = _module().vllm_get_graph_buffer_ipc_meta(fa)
+    _handle("vllm_get_graph_buffer_ipc_meta", fa)
+    handles, offsets = _control().allreduce_peer_graph_meta(fa)
     return [int(b) for b in handles], [int(o) for o in offsets]
 
 
@@ -177,18 +266,22 @@ def vllm_register_graph_buffers(fa: int, handles, offsets) -> None:
     vllm_get_graph_buffer_ipc_meta. Call on every rank after capture, before the first replay.
     Handle bytes may be signed (-128..127) or unsigned (0..255)."""
     op = "vllm_register_graph_buffers"
-    _handle_device(op, fa)
+    _handle(op, fa)
     h = [[int(b) for b in row] for row in handles]
     o = [[int(x) for x in row] for row in offsets]
-    _module().vllm_register_graph_buffers(fa, h, o)
+    _control().allreduce_peer_register_graph(fa, h, o)
 
 
 def vllm_dispose(fa: int) -> None:
-    """Close the IPC mappings the handle opened and free it. The shared buffers stay alive."""
+    """Close the IPC mappings the handle opened and free it. The shared buffers stay alive.
+
+    Synchronises the device first (queued kernels may still read through the mappings).
+    """
     op = "vllm_dispose"
-    _handle_device(op, fa)
-    _module().vllm_dispose(fa)
+    h = _handle(op, fa)
+    _control().allreduce_peer_dispose(fa)
     _handles.pop(fa, None)
+    h.failure.close()
 
 
 def _register_control_ops() -> None:
@@ -196,16 +289,19 @@ def _register_control_ops() -> None:
     register_op("vllm_meta_size() -> int", vllm_meta_size)
     register_op(
         "vllm_init_custom_ar(int[] ipc_tensors, Tensor rank_data, int rank, bool full_nvlink, "
-        "float timeout_s) -> int",
+        "float timeout_s, int meta_bytes=0) -> int",
         _init_impl,
-        lambda ipc_tensors, rank_data, rank, full_nvlink, timeout_s: 0,
+        lambda ipc_tensors, rank_data, rank, full_nvlink, timeout_s, meta_bytes=0: 0,
     )
     register_op("vllm_register_buffer(int fa, int[] fake_ipc_ptrs) -> ()", vllm_register_buffer)
     register_op("vllm_dispose(int fa) -> ()", vllm_dispose)
-    register_op("vllm_register_graph_buffers(int fa, int[][] handles, int[][] offsets) -> ()",
-                vllm_register_graph_buffers)
-    register_op("vllm_get_graph_buffer_ipc_meta(int fa) -> (int[], int[])",
-                vllm_get_graph_buffer_ipc_meta)
+    register_op(
+        "vllm_register_graph_buffers(int fa, int[][] handles, int[][] offsets) -> ()",
+        vllm_register_graph_buffers,
+    )
+    register_op(
+        "vllm_get_graph_buffer_ipc_meta(int fa) -> (int[], int[])", vllm_get_graph_buffer_ipc_meta
+    )
 
 
 _register_control_ops()

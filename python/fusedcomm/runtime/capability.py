@@ -22,7 +22,8 @@ import ctypes
 import dataclasses
 import socket
 import threading
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 __all__ = [
     "DeviceCaps",
@@ -139,9 +140,7 @@ def agree(caps_list: Sequence[DeviceCaps]) -> GroupCaps:
     for i, c in enumerate(caps):
         if not isinstance(c, DeviceCaps):
             raise TypeError(f"agree: caps_list[{i}] must be a DeviceCaps, got {type(c).__name__}")
-    peer = all(
-        _peer_ok(a, b) for i, a in enumerate(caps) for j, b in enumerate(caps) if i != j
-    )
+    peer = all(_peer_ok(a, b) for i, a in enumerate(caps) for j, b in enumerate(caps) if i != j)
     return GroupCaps(
         world_size=len(caps),
         devices=caps,
@@ -214,7 +213,7 @@ class _Driver:
         self._check("cuDeviceGetPCIBusId", self.lib.cuDeviceGetPCIBusId(buf, len(buf), dev))
         return _normalize_bus_id(buf.value)
 
-    def attribute(self, dev: int, attr: int, *, unknown_as: Optional[int] = None) -> int:
+    def attribute(self, dev: int, attr: int, *, unknown_as: int | None = None) -> int:
         """One attribute; ``unknown_as`` is returned if this driver predates it."""
         out = ctypes.c_int()
         status = self.lib.cuDeviceGetAttribute(ctypes.byref(out), attr, dev)
@@ -224,7 +223,7 @@ class _Driver:
         return out.value
 
 
-_DRIVER: Optional[_Driver] = None
+_DRIVER: _Driver | None = None
 _DRIVER_LOCK = threading.Lock()
 
 
@@ -368,7 +367,7 @@ def p2p_matrix() -> list[list[bool]]:
     ]
 
 
-def nvlink_matrix() -> Optional[list[list[int]]]:
+def nvlink_matrix() -> list[list[int]] | None:
     """``m[i][j]``: active NVLink links that visible device ``i`` can use to reach ``j``.
 
     Direct links to ``j`` are counted; when there are none but NVML reports
@@ -447,8 +446,8 @@ def probe_group(comm_backend: Any = None, group: Any = None) -> GroupCaps:
     from fusedcomm.runtime.comm_backend import resolve_backend
 
     backend = resolve_backend(comm_backend, group)
-    local: Optional[DeviceCaps] = None
-    error: Optional[str] = None
+    local: DeviceCaps | None = None
+    error: str | None = None
     try:
         local = probe_local()
     except Exception as exc:  # reported to every rank below

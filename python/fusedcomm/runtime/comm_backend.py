@@ -64,7 +64,7 @@ class CommBackend(Protocol):
         """Return once every rank has entered the barrier."""
         ...
 
-    def Split(self, color: int, key: int = 0) -> "CommBackend":
+    def Split(self, color: int, key: int = 0) -> CommBackend:
         """A new communicator per ``color``, ranks ordered by ``(key, old rank)``."""
         ...
 
@@ -119,7 +119,7 @@ class TorchDistBackend:
         self._rank = group_rank
 
     @classmethod
-    def _ordered(cls, group: Any, order: list[int]) -> "TorchDistBackend":
+    def _ordered(cls, group: Any, order: list[int]) -> TorchDistBackend:
         backend = cls(group)
         if order != sorted(order):
             backend._order = order
@@ -158,7 +158,7 @@ class TorchDistBackend:
     def barrier(self) -> None:
         dist.barrier(group=self._group)
 
-    def Split(self, color: int, key: int = 0) -> "TorchDistBackend":
+    def Split(self, color: int, key: int = 0) -> TorchDistBackend:
         """Split into one group per ``color``; collective over this group.
 
         Inside each new backend ranks are ordered by ``(key, rank here)``. The
@@ -246,7 +246,7 @@ class MPIBackend:
     def barrier(self) -> None:
         self._comm.Barrier()
 
-    def Split(self, color: int, key: int = 0) -> "MPIBackend":
+    def Split(self, color: int, key: int = 0) -> MPIBackend:
         color = _check_int("MPIBackend.Split", "color", color)
         key = _check_int("MPIBackend.Split", "key", key)
         return MPIBackend(self._comm.Split(color, key))
@@ -312,7 +312,7 @@ class SoloBackend:
     def barrier(self) -> None:
         return None
 
-    def Split(self, color: int, key: int = 0) -> "SoloBackend":
+    def Split(self, color: int, key: int = 0) -> SoloBackend:
         return self
 
 

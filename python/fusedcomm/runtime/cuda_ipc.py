@@ -18,7 +18,8 @@ import operator
 import os
 import sys
 import threading
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 __all__ = [
     "CudaRTLibrary",
@@ -81,8 +82,10 @@ def require_cuda(op: str) -> None:
     if torch.cuda.is_available():
         return
     if torch.version.cuda is None:
-        reason = (f"torch {torch.__version__} is a CPU-only build; install a CUDA build of "
-                  "torch (see https://pytorch.org/get-started/locally/)")
+        reason = (
+            f"torch {torch.__version__} is a CPU-only build; install a CUDA build of "
+            "torch (see https://pytorch.org/get-started/locally/)"
+        )
     else:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         where = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
@@ -90,7 +93,7 @@ def require_cuda(op: str) -> None:
     raise CudaUnavailableError(f"{op}: needs a CUDA GPU, but {reason}")
 
 
-def _loaded_libraries(name_part: str, maps_text: Optional[str] = None) -> list[str]:
+def _loaded_libraries(name_part: str, maps_text: str | None = None) -> list[str]:
     """Paths of mapped shared objects whose path contains ``name_part``.
 
     Reads ``/proc/self/maps`` unless ``maps_text`` is given. The order is the
@@ -214,7 +217,9 @@ def _void_p(op: str, ptr: Any) -> ctypes.c_void_p:
     if isinstance(ptr, ctypes.c_void_p):
         return ptr
     if isinstance(ptr, bool) or not isinstance(ptr, int):
-        raise TypeError(f"{op}: pointer must be an int or ctypes.c_void_p, got {type(ptr).__name__}")
+        raise TypeError(
+            f"{op}: pointer must be an int or ctypes.c_void_p, got {type(ptr).__name__}"
+        )
     return ctypes.c_void_p(ptr)
 
 
@@ -232,7 +237,7 @@ class CudaRTLibrary:
     <function>")`` when the runtime returns a non-zero status.
     """
 
-    def __init__(self, so_file: Optional[str] = None):
+    def __init__(self, so_file: str | None = None):
         if so_file is None:
             so_file = _find_cudart()
         elif not isinstance(so_file, (str, os.PathLike)):
@@ -246,7 +251,9 @@ class CudaRTLibrary:
 
     def _check(self, name: str, status: int) -> None:
         if status != _CUDA_SUCCESS:
-            raise RuntimeError(f"CUDART error: {self.cudaGetErrorString(status)} ({status}) in {name}")
+            raise RuntimeError(
+                f"CUDART error: {self.cudaGetErrorString(status)} ({status}) in {name}"
+            )
 
     def cudaGetErrorString(self, error: int) -> str:
         text = self.funcs["cudaGetErrorString"](error)
@@ -312,6 +319,7 @@ class CudaRTLibrary:
 @dataclasses.dataclass
 class _SharedBuffer:
     own_index: int
+    device: int
     lib: CudaRTLibrary
 
 
@@ -319,7 +327,7 @@ class _SharedBuffer:
 # unique while it lives, so two live entries never share a key.
 _SHARED: dict[tuple[int, ...], _SharedBuffer] = {}
 _SHARED_LOCK = threading.Lock()
-_DEFAULT_LIB: Optional[CudaRTLibrary] = None
+_DEFAULT_LIB: CudaRTLibrary | None = None
 
 
 def _default_lib() -> CudaRTLibrary:
@@ -405,7 +413,7 @@ def create_shared_buffer(
         raise
 
     with _SHARED_LOCK:
-        _SHARED[tuple(pointers)] = _SharedBuffer(own_index=rank, lib=lib)
+        _SHARED[tuple(pointers)] = _SharedBuffer(own_index=rank, device=device, lib=lib)
     backend.barrier()
     return pointers
 
@@ -446,8 +454,12 @@ def free_shared_buffer(
         record = _SHARED.pop(key, None)
     if record is None:
         raise ValueError(f"{op}: pointers were freed concurrently by another thread")
-    # Closing a mapping and freeing need no particular current device, so the
-    # caller's device selection is left alone.
+    import torch
+
+    # Kernels still queued on this device may read the peers' memory: let them finish before
+    # the mappings close. (Closing and freeing need no particular current device, so the
+    # caller's device selection is left alone.)
+    torch.cuda.synchronize(record.device)
     lib = record.lib
     for i, ptr in enumerate(key):
         if i != record.own_index:

@@ -224,8 +224,9 @@ def run_ranks(
         results.close()
 
 
-def _collect(procs: list, results: Any, deadline: float, timeout_s: float,
-             may_die: frozenset = frozenset()) -> list:
+def _collect(
+    procs: list, results: Any, deadline: float, timeout_s: float, may_die: frozenset = frozenset()
+) -> list:
     world_size = len(procs)
     values: dict[int, Any] = {}
     failures: dict[int, str] = {}

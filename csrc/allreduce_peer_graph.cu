@@ -1,32 +1,23 @@
-// vllm_ar (graph part): after CUDA-graph capture, exchange where each captured input lives.
-//   vllm_get_graph_buffer_ipc_meta(fa) -> [handle bytes (64 per input, signed), offsets]
-//   vllm_register_graph_buffers(fa, handles[rank], offsets[rank]) fills the reserved records.
-#include <cuda.h>
-
+// allreduce_peer (graph part): after CUDA-graph capture, exchange where each captured input
+// lives.
+//   allreduce_peer_graph_meta(fa) -> [handle bytes (64 per input, signed), offsets]
+//   allreduce_peer_register_graph(fa, handles[rank], offsets[rank]) fills the reserved records.
 #include <cstring>
 
-#include "vllm_handle.h"
+#include "allreduce_peer_handle.h"
 
 namespace fusedcomm {
 
-ffi::Array<ffi::Array<int64_t>> vllm_get_graph_buffer_ipc_meta(int64_t fa) {
+ffi::Array<ffi::Array<int64_t>> allreduce_peer_graph_meta(int64_t fa) {
   constexpr const char* op = "vllm_get_graph_buffer_ipc_meta";
-  VllmHandle* h = handle_of(fa, op);
+  PeerHandle* h = g_peer_handles.get(fa, op);
   DeviceScope scope(h->device, op);
-  void* fn = nullptr;
-  cudaDriverEntryPointQueryResult found{};
-  FC_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuMemGetAddressRange", &fn, 12000,
-                                                 cudaEnableDefault, &found), op);
-  FC_CHECK_VALUE(fn != nullptr && found == cudaDriverEntryPointSuccess, op)
-      << "the driver has no cuMemGetAddressRange";
-  auto get_range = reinterpret_cast<CUresult (*)(CUdeviceptr*, size_t*, CUdeviceptr)>(fn);
   ffi::Array<int64_t> handle_bytes;
   ffi::Array<int64_t> offsets;
   for (const auto& entry : h->pending_graph_inputs) {
     CUdeviceptr base = 0;
     size_t size = 0;
-    CUresult res = get_range(&base, &size, reinterpret_cast<CUdeviceptr>(entry.first));
-    FC_CHECK_VALUE(res == CUDA_SUCCESS, op) << "cuMemGetAddressRange failed (" << res << ")";
+    allocation_of(entry.first, &base, &size, op);
     cudaIpcMemHandle_t ipc;
     FC_CUDA_CHECK(cudaIpcGetMemHandle(&ipc, reinterpret_cast<void*>(base)), op);
     for (size_t i = 0; i < sizeof(ipc.reserved); ++i) {
@@ -37,13 +28,14 @@ ffi::Array<ffi::Array<int64_t>> vllm_get_graph_buffer_ipc_meta(int64_t fa) {
   return ffi::Array<ffi::Array<int64_t>>{handle_bytes, offsets};
 }
 
-void vllm_register_graph_buffers(int64_t fa, ffi::Array<ffi::Array<int64_t>> handles,
-                                 ffi::Array<ffi::Array<int64_t>> offsets) {
+void allreduce_peer_register_graph(int64_t fa, ffi::Array<ffi::Array<int64_t>> handles,
+                                   ffi::Array<ffi::Array<int64_t>> offsets) {
   constexpr const char* op = "vllm_register_graph_buffers";
-  VllmHandle* h = handle_of(fa, op);
+  PeerHandle* h = g_peer_handles.get(fa, op);
   const size_t n = h->pending_graph_inputs.size();
   FC_CHECK_VALUE(static_cast<int64_t>(handles.size()) == h->world &&
-                     static_cast<int64_t>(offsets.size()) == h->world, op)
+                     static_cast<int64_t>(offsets.size()) == h->world,
+                 op)
       << "need one handle list and one offset list per rank (" << h->world << "), got "
       << handles.size() << " and " << offsets.size();
   constexpr size_t kHandleBytes = sizeof(cudaIpcMemHandle_t);
@@ -82,5 +74,6 @@ void vllm_register_graph_buffers(int64_t fa, ffi::Array<ffi::Array<int64_t>> han
 
 }  // namespace fusedcomm
 
-TVM_FFI_DLL_EXPORT_TYPED_FUNC(vllm_get_graph_buffer_ipc_meta, fusedcomm::vllm_get_graph_buffer_ipc_meta);
-TVM_FFI_DLL_EXPORT_TYPED_FUNC(vllm_register_graph_buffers, fusedcomm::vllm_register_graph_buffers);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(allreduce_peer_graph_meta, fusedcomm::allreduce_peer_graph_meta);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(allreduce_peer_register_graph,
+                              fusedcomm::allreduce_peer_register_graph);
