@@ -21,12 +21,20 @@ from fusedcomm.testing.dist import run_ranks
 
 HIDDEN = 4096
 BUDGET = {2: 64 << 20, 4: 2 << 20, 8: 512 << 10}  # input bytes an engine allows per world size
-FUSED = [P.kARResidualRMSNorm, P.kARResidualRMSNormFP8Quant, P.kARResidualRMSNormOutFP8Quant,
-         P.kARResidualRMSNormDynamicFP8Quant, P.kARResidualRMSNormOutDynamicFP8Quant]
-OUTS = {1: ("residual_out", "norm_out"), 2: ("residual_out", "quant_out"),
-        4: ("residual_out", "norm_out", "quant_out"),
-        10: ("residual_out", "quant_out", "scale_out"),
-        11: ("residual_out", "norm_out", "quant_out", "scale_out")}
+FUSED = [
+    P.kARResidualRMSNorm,
+    P.kARResidualRMSNormFP8Quant,
+    P.kARResidualRMSNormOutFP8Quant,
+    P.kARResidualRMSNormDynamicFP8Quant,
+    P.kARResidualRMSNormOutDynamicFP8Quant,
+]
+OUTS = {
+    1: ("residual_out", "norm_out"),
+    2: ("residual_out", "quant_out"),
+    4: ("residual_out", "norm_out", "quant_out"),
+    10: ("residual_out", "quant_out", "scale_out"),
+    11: ("residual_out", "norm_out", "quant_out", "scale_out"),
+}
 
 
 def _max_tokens(world, dtype):
@@ -41,8 +49,15 @@ def _communicator(kind, rank, world):
 
 def _make_workspace(backend, dtype, max_tokens, **kw):
     return comm.create_allreduce_fusion_workspace(
-        "auto", world_size=backend.Get_size(), rank=backend.Get_rank(),
-        max_token_num=max_tokens, hidden_dim=HIDDEN, dtype=dtype, comm_backend=backend, **kw)
+        "auto",
+        world_size=backend.Get_size(),
+        rank=backend.Get_rank(),
+        max_token_num=max_tokens,
+        hidden_dim=HIDDEN,
+        dtype=dtype,
+        comm_backend=backend,
+        **kw,
+    )
 
 
 def _gather(t, order):
@@ -70,10 +85,12 @@ def _poison(t):
 
 
 def _outputs(pattern, n, dtype):
-    out = {"residual_out": torch.empty(n, HIDDEN, dtype=dtype, device="cuda"),
-           "norm_out": torch.empty(n, HIDDEN, dtype=dtype, device="cuda"),
-           "quant_out": torch.empty(n, HIDDEN, dtype=torch.float8_e4m3fn, device="cuda"),
-           "scale_out": torch.empty(n, 1, dtype=torch.float32, device="cuda")}
+    out = {
+        "residual_out": torch.empty(n, HIDDEN, dtype=dtype, device="cuda"),
+        "norm_out": torch.empty(n, HIDDEN, dtype=dtype, device="cuda"),
+        "quant_out": torch.empty(n, HIDDEN, dtype=torch.float8_e4m3fn, device="cuda"),
+        "scale_out": torch.empty(n, 1, dtype=torch.float32, device="cuda"),
+    }
     out = {k: v for k, v in out.items() if k in OUTS[pattern]}
     for t in out.values():
         _poison(t)
@@ -90,32 +107,50 @@ def _close_fp8(got, want, max_fraction, what):
 
 def _check_fused(pattern, got, xs, residual, gamma, scale, dtype, fp32_acc, weight_bias, what):
     """Compare one fused call's outputs (CUDA) with the reference of the gathered inputs."""
-    ref = allreduce_fusion_reference(xs, pattern, residual_in=residual.cpu(),
-                                     rms_gamma=gamma.cpu(), rms_eps=1e-6,
-                                     scale_factor=scale, weight_bias=weight_bias,
-                                     fp32_acc=fp32_acc)
+    ref = allreduce_fusion_reference(
+        xs,
+        pattern,
+        residual_in=residual.cpu(),
+        rms_gamma=gamma.cpu(),
+        rms_eps=1e-6,
+        scale_factor=scale,
+        weight_bias=weight_bias,
+        fp32_acc=fp32_acc,
+    )
     if not fp32_acc and len(xs) > 2:  # the sum may be kept in fp32 anyway (deterministic mode)
-        alt = allreduce_fusion_reference(xs, pattern, residual_in=residual.cpu(),
-                                         rms_gamma=gamma.cpu(), rms_eps=1e-6,
-                                         scale_factor=scale, weight_bias=weight_bias)
+        alt = allreduce_fusion_reference(
+            xs,
+            pattern,
+            residual_in=residual.cpu(),
+            rms_gamma=gamma.cpu(),
+            rms_eps=1e-6,
+            scale_factor=scale,
+            weight_bias=weight_bias,
+        )
         if torch.equal(got["residual_out"].cpu(), alt["residual_out"]):
             ref = alt
     # sum and residual add are done in a fixed order: exact
     assert torch.equal(got["residual_out"].cpu(), ref["residual_out"]), f"{what}: residual_out"
     tol = {torch.float16: 2.0**-9, torch.bfloat16: 2.0**-7, torch.float32: 2.0**-20}[dtype]
     if "norm_out" in got:  # fp32 statistics in an unspecified order, approximate rsqrt
-        torch.testing.assert_close(got["norm_out"].cpu().float(), ref["norm_out"].float(),
-                                   rtol=tol, atol=1e-5, msg=f"{what}: norm_out")
+        torch.testing.assert_close(
+            got["norm_out"].cpu().float(),
+            ref["norm_out"].float(),
+            rtol=tol,
+            atol=1e-5,
+            msg=f"{what}: norm_out",
+        )
     if "quant_out" in got:
         _close_fp8(got["quant_out"], ref["quant_out"], 0.05, f"{what}: quant_out")
     if "scale_out" in got:
-        torch.testing.assert_close(got["scale_out"].cpu(), ref["scale_out"], rtol=tol, atol=0,
-                                   msg=f"{what}: scale_out")
+        torch.testing.assert_close(
+            got["scale_out"].cpu(), ref["scale_out"], rtol=tol, atol=0, msg=f"{what}: scale_out"
+        )
     if "norm_out" in got and "quant_out" in got:  # the quantiser reads the rounded norm: exact
         y = got["norm_out"]
-        if "scale_out" in got:
-            q, s = quantize_fp8_dynamic(y)
-            assert torch.equal(got["scale_out"], s), f"{what}: scale_out from norm_out"
+        if "scale_out" in got:  # on the CPU: CUDA torch divides by a Python scalar as a * (1/b)
+            q, s = quantize_fp8_dynamic(y.cpu())
+            assert torch.equal(got["scale_out"].cpu(), s), f"{what}: scale_out from norm_out"
         else:
             q = quantize_fp8_static(y, scale)
         _close_fp8(got["quant_out"], q, 0.001, f"{what}: quant_out from norm_out")
@@ -160,14 +195,19 @@ def _rank_engine(rank, world, kind, dtype):
             if oneshot is False and n <= world:
                 continue
             x = torch.randint(-8, 9, (n, HIDDEN), generator=gen, device="cuda").to(dtype)
-            out = comm.allreduce_fusion(input=x, workspace=ws, pattern=P.kAllReduce,
-                                        use_oneshot=oneshot)
+            out = comm.allreduce_fusion(
+                input=x, workspace=ws, pattern=P.kAllReduce, use_oneshot=oneshot
+            )
             want = torch.stack([t.float() for t in _gather(x, order)]).sum(0).to(dtype)
             assert torch.equal(out.cpu(), want), f"AR n={n} oneshot={oneshot}"
             x = torch.randn(n, HIDDEN, generator=gen, device="cuda").to(dtype)
             out = torch.full_like(x, float("nan"))
-            assert comm.allreduce_fusion(x, ws, P.kAllReduce, output=out, fp32_acc=True,
-                                         use_oneshot=oneshot) is out
+            assert (
+                comm.allreduce_fusion(
+                    x, ws, P.kAllReduce, output=out, fp32_acc=True, use_oneshot=oneshot
+                )
+                is out
+            )
             ref = allreduce_fusion_reference(_gather(x, order), 0)["allreduce_out"]
             assert torch.equal(out.cpu(), ref), f"AR random n={n} oneshot={oneshot}"
             assert _same_on_every_rank(out)
@@ -182,17 +222,37 @@ def _rank_engine(rank, world, kind, dtype):
                 scale = torch.rand(1, generator=residual_gen, device="cuda") + 0.05
                 got = _outputs(pattern, n, dtype)
                 ret = comm.allreduce_fusion(
-                    input=x, workspace=ws, pattern=pattern, residual_in=residual,
-                    rms_gamma=gamma, rms_eps=1e-6, scale_factor=scale,
-                    layout_code=comm.QuantizationSFLayout.SWIZZLED_128x4, fp32_acc=True,
-                    launch_with_pdl=True, use_oneshot=oneshot, trigger_completion_at_end=trigger,
-                    weight_bias=wb, **got)
+                    input=x,
+                    workspace=ws,
+                    pattern=pattern,
+                    residual_in=residual,
+                    rms_gamma=gamma,
+                    rms_eps=1e-6,
+                    scale_factor=scale,
+                    layout_code=comm.QuantizationSFLayout.SWIZZLED_128x4,
+                    fp32_acc=True,
+                    launch_with_pdl=True,
+                    use_oneshot=oneshot,
+                    trigger_completion_at_end=trigger,
+                    weight_bias=wb,
+                    **got,
+                )
                 expect = got.get("norm_out", got.get("quant_out"))
                 assert ret is expect
                 consumer = ret.float() * 1  # the next kernel, issued right away
                 what = f"{comm.enums.pattern_name(pattern)} n={n} oneshot={oneshot} wb={wb}"
-                _check_fused(pattern, got, _gather(x, order), residual, gamma, scale.cpu(),
-                             dtype, True, wb, what)
+                _check_fused(
+                    pattern,
+                    got,
+                    _gather(x, order),
+                    residual,
+                    gamma,
+                    scale.cpu(),
+                    dtype,
+                    True,
+                    wb,
+                    what,
+                )
                 assert torch.equal(consumer.cpu(), ret.float().cpu()), f"{what}: consumer"
 
     # in place: norm over the input, residual_out over residual_in; same bits as out of place
@@ -200,13 +260,15 @@ def _rank_engine(rank, world, kind, dtype):
         x, _ = _fused_inputs(gen, 100, dtype)
         residual = torch.randn(100, HIDDEN, generator=residual_gen, device="cuda").to(dtype)
         sep = _outputs(pattern, 100, dtype)
-        comm.allreduce_fusion(x, ws, pattern, residual_in=residual, rms_gamma=gamma,
-                              fp32_acc=True, **sep)
+        comm.allreduce_fusion(
+            x, ws, pattern, residual_in=residual, rms_gamma=gamma, fp32_acc=True, **sep
+        )
         inplace = _outputs(pattern, 100, dtype)
         xi, ri = x.clone(), residual.clone()
         inplace.update(norm_out=xi, residual_out=ri)
-        ret = comm.allreduce_fusion(xi, ws, pattern, residual_in=ri, rms_gamma=gamma,
-                                    fp32_acc=True, **inplace)
+        ret = comm.allreduce_fusion(
+            xi, ws, pattern, residual_in=ri, rms_gamma=gamma, fp32_acc=True, **inplace
+        )
         assert ret is xi
         for name in sep:
             assert torch.equal(_bits(inplace[name]), _bits(sep[name])), f"in place: {name}"
@@ -240,14 +302,26 @@ def _rank_graph(rank, world, pattern, oneshot):
     x = torch.zeros(n, HIDDEN, dtype=dtype, device="cuda")
     residual = torch.zeros_like(x)
     scale = torch.ones(1, dtype=torch.float32, device="cuda")
-    outs = {"output": torch.empty_like(x)} if pattern == P.kAllReduce else _outputs(pattern, n,
-                                                                                      dtype)
-    extra = {} if pattern == P.kAllReduce else dict(residual_in=residual, rms_gamma=gamma,
-                                                    scale_factor=scale)
+    outs = (
+        {"output": torch.empty_like(x)} if pattern == P.kAllReduce else _outputs(pattern, n, dtype)
+    )
+    extra = (
+        {}
+        if pattern == P.kAllReduce
+        else dict(residual_in=residual, rms_gamma=gamma, scale_factor=scale)
+    )
 
     def call():
-        comm.allreduce_fusion(x, ws, pattern, use_oneshot=oneshot, fp32_acc=True,
-                              launch_with_pdl=True, **extra, **outs)
+        comm.allreduce_fusion(
+            x,
+            ws,
+            pattern,
+            use_oneshot=oneshot,
+            fp32_acc=True,
+            launch_with_pdl=True,
+            **extra,
+            **outs,
+        )
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -272,8 +346,9 @@ def _rank_graph(rank, world, pattern, oneshot):
             assert torch.equal(outs["output"].cpu(), ref), f"replay {step}"
             assert _same_on_every_rank(outs["output"])
         else:
-            _check_fused(pattern, outs, xs, residual, gamma, scale.cpu(), dtype, True, 0.0,
-                         f"replay {step}")
+            _check_fused(
+                pattern, outs, xs, residual, gamma, scale.cpu(), dtype, True, 0.0, f"replay {step}"
+            )
     del graph
     torch.cuda.synchronize()
     dist.barrier()
@@ -281,8 +356,10 @@ def _rank_graph(rank, world, pattern, oneshot):
 
 
 @pytest.mark.gpu(2)
-@pytest.mark.parametrize("pattern", [P.kAllReduce, P.kARResidualRMSNormOutFP8Quant,
-                                     P.kARResidualRMSNormOutDynamicFP8Quant])
+@pytest.mark.parametrize(
+    "pattern",
+    [P.kAllReduce, P.kARResidualRMSNormOutFP8Quant, P.kARResidualRMSNormOutDynamicFP8Quant],
+)
 @pytest.mark.parametrize("oneshot", [True, None])
 def test_cuda_graph_replay_with_new_inputs_and_scale(world_size, pattern, oneshot):
     run_ranks(_rank_graph, world_size, backend="nccl", timeout_s=300, args=(pattern, oneshot))
@@ -300,9 +377,19 @@ def _rank_compile(rank, world):
     def layer(h, residual, scale):
         h = h * 1  # the producer (e.g. the row-parallel GEMM) inside the graph
         q = torch.empty(h.shape, dtype=torch.float8_e4m3fn, device=h.device)
-        comm.allreduce_fusion(h, ws, P.kARResidualRMSNormOutFP8Quant, residual_in=residual,
-                              residual_out=residual, norm_out=h, quant_out=q, rms_gamma=gamma,
-                              scale_factor=scale, fp32_acc=True, launch_with_pdl=True)
+        comm.allreduce_fusion(
+            h,
+            ws,
+            P.kARResidualRMSNormOutFP8Quant,
+            residual_in=residual,
+            residual_out=residual,
+            norm_out=h,
+            quant_out=q,
+            rms_gamma=gamma,
+            scale_factor=scale,
+            fp32_acc=True,
+            launch_with_pdl=True,
+        )
         return h, q
 
     for step, n in enumerate((5, 64, 64, 300)):
@@ -312,16 +399,50 @@ def _rank_compile(rank, world):
         scale = torch.full((1,), 0.5 + step, device="cuda")
         norm, q = layer(x, residual, scale)
         got = {"residual_out": residual, "norm_out": norm, "quant_out": q}
-        _check_fused(P.kARResidualRMSNormOutFP8Quant, got, _gather(x, order), residual_in,
-                     gamma, scale.cpu(), dtype, True, 0.0, f"compiled n={n}")
+        _check_fused(
+            P.kARResidualRMSNormOutFP8Quant,
+            got,
+            _gather(x, order),
+            residual_in,
+            gamma,
+            scale.cpu(),
+            dtype,
+            True,
+            0.0,
+            f"compiled n={n}",
+        )
 
     x = torch.randn(8, HIDDEN, device="cuda").to(dtype)
     out = torch.empty_like(x)
     torch.library.opcheck(
         torch.ops.fusedcomm.allreduce_fusion.default,
-        (x, ws.workspace_tensor, world, rank, 0, 8, HIDDEN, False, True, True, None, out, None,
-         None, None, None, None, None, 1e-6, None, 0, 0.0, None),
-        test_utils=("test_schema", "test_faketensor"))
+        (
+            x,
+            ws.workspace_tensor,
+            world,
+            rank,
+            0,
+            8,
+            HIDDEN,
+            False,
+            True,
+            True,
+            None,
+            out,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            1e-6,
+            None,
+            0,
+            0.0,
+            None,
+        ),
+        test_utils=("test_schema", "test_faketensor"),
+    )
     torch.cuda.synchronize()
     dist.barrier()
     ws.destroy()
@@ -374,8 +495,14 @@ def _rank_creation_failures(rank, world):
     assert before - torch.cuda.mem_get_info()[0] < (64 << 20), "a failed creation leaked"
     with pytest.raises(ValueError, match="says rank"):
         comm.create_allreduce_fusion_workspace(
-            "trtllm", world_size=world, rank=(rank + 1) % world, max_token_num=64,
-            hidden_dim=HIDDEN, dtype=torch.bfloat16, comm_backend=backend)
+            "trtllm",
+            world_size=world,
+            rank=(rank + 1) % world,
+            max_token_num=64,
+            hidden_dim=HIDDEN,
+            dtype=torch.bfloat16,
+            comm_backend=backend,
+        )
     ws = _make_workspace(backend, torch.bfloat16, 64)  # a good creation still works
     x = torch.randn(65, HIDDEN, device="cuda").to(torch.bfloat16)
     with pytest.raises(ValueError, match="capacity"):

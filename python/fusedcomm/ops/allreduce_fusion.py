@@ -39,8 +39,10 @@ _ELEM = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4}
 _MAX_ROW_BYTES = 131072  # 65536 16-bit or 32768 fp32 elements per token
 _ACT = "act"  # an [N, D] tensor of the input's dtype
 _NVFP4 = (_P.kARResidualRMSNormFP4Quant, _P.kARResidualRMSNormOutFP4Quant)
-_GROUP_FP8 = (_P.kARResidualRMSNormPerTokenGroupFP8PackedQuant,
-              _P.kARResidualRMSNormOutPerTokenGroupFP8PackedQuant)
+_GROUP_FP8 = (
+    _P.kARResidualRMSNormPerTokenGroupFP8PackedQuant,
+    _P.kARResidualRMSNormOutPerTokenGroupFP8PackedQuant,
+)
 _DYNAMIC_FP8 = (_P.kARResidualRMSNormDynamicFP8Quant, _P.kARResidualRMSNormOutDynamicFP8Quant)
 _STATIC_FP8 = (_P.kARResidualRMSNormFP8Quant, _P.kARResidualRMSNormOutFP8Quant)
 _MOE = (_P.kMoEReductionARResidualRMSNorm, _P.kMoEFinalizeARResidualRMSNorm)
@@ -54,12 +56,12 @@ _NEEDS = {
     _P.kARResidualRMSNormFP8Quant: _NORM + ("quant_out", "scale_factor"),
     _P.kARResidualRMSNormFP4Quant: _NORM + ("quant_out", "scale_out", "scale_factor"),
     _P.kARResidualRMSNormOutFP8Quant: _NORM + ("norm_out", "quant_out", "scale_factor"),
-    _P.kARResidualRMSNormOutFP4Quant: _NORM + ("norm_out", "quant_out", "scale_out",
-                                                "scale_factor"),
-    _P.kARResidualRMSNormPerTokenGroupFP8PackedQuant: _NORM + (
-        "quant_out", "scale_out", "block_quant_group_size"),
-    _P.kARResidualRMSNormOutPerTokenGroupFP8PackedQuant: _NORM + (
-        "norm_out", "quant_out", "scale_out", "block_quant_group_size"),
+    _P.kARResidualRMSNormOutFP4Quant: _NORM
+    + ("norm_out", "quant_out", "scale_out", "scale_factor"),
+    _P.kARResidualRMSNormPerTokenGroupFP8PackedQuant: _NORM
+    + ("quant_out", "scale_out", "block_quant_group_size"),
+    _P.kARResidualRMSNormOutPerTokenGroupFP8PackedQuant: _NORM
+    + ("norm_out", "quant_out", "scale_out", "block_quant_group_size"),
     _P.kARResidualRMSNormDynamicFP8Quant: _NORM + ("quant_out", "scale_out"),
     _P.kARResidualRMSNormOutDynamicFP8Quant: _NORM + ("norm_out", "quant_out", "scale_out"),
 }
@@ -75,20 +77,25 @@ def _later_issue(op: str, pattern: int) -> NotImplementedError:
         if pattern in patterns:
             return NotImplementedError(
                 f"{op}: {pattern_name(pattern)} ({what}) is not available yet; patterns 0, 1, "
-                "2, 4, 10 and 11 are")
+                "2, 4, 10 and 11 are"
+            )
     raise AssertionError(pattern)
 
 
 def _pattern_arg(op: str, pattern: Any) -> int:
     if isinstance(pattern, bool) or not isinstance(pattern, int):
-        raise TypeError(f"{op}: pattern must be an int (AllReduceFusionPattern), got "
-                        f"{type(pattern).__name__}")
+        raise TypeError(
+            f"{op}: pattern must be an int (AllReduceFusionPattern), got {type(pattern).__name__}"
+        )
     if pattern == _P.kMoEFinalizeARResidualRMSNormFP8Quant:
-        raise ValueError(f"{op}: {pattern_name(pattern)} exists only in a CuTe-DSL backend for "
-                         "SM100 that fusedcomm does not provide; use kMoEFinalizeARResidualRMSNorm")
+        raise ValueError(
+            f"{op}: {pattern_name(pattern)} exists only in a CuTe-DSL backend for "
+            "SM100 that fusedcomm does not provide; use kMoEFinalizeARResidualRMSNorm"
+        )
     if pattern not in _NEEDS and pattern not in _MOE:
-        raise ValueError(f"{op}: pattern ({pattern}) must be an AllReduceFusionPattern value "
-                         "(0..11)")
+        raise ValueError(
+            f"{op}: pattern ({pattern}) must be an AllReduceFusionPattern value (0..11)"
+        )
     return pattern
 
 
@@ -128,8 +135,9 @@ def _rows(op: str, name: str, t: Any, x: torch.Tensor, numel: int) -> torch.Tens
     if t.dtype != x.dtype:
         raise TypeError(f"{op}: {name}.dtype ({t.dtype}) must be the input's ({x.dtype})")
     if t.numel() != numel:
-        raise ValueError(f"{op}: {name} has {t.numel()} elements, expected token_num * "
-                         f"hidden_dim = {numel}")
+        raise ValueError(
+            f"{op}: {name} has {t.numel()} elements, expected token_num * hidden_dim = {numel}"
+        )
     return t
 
 
@@ -137,8 +145,10 @@ def _scale_factor_tensor(op: str, s: Any, device: torch.device) -> torch.Tensor:
     """A 1-element fp32 tensor on ``device``; a tensor is read on the device (graph-safe)."""
     if isinstance(s, torch.Tensor):
         if s.device != device:
-            raise ValueError(f"{op}: scale_factor is on {s.device}, the input on {device}; "
-                             "pass a tensor on the input's device (or a float)")
+            raise ValueError(
+                f"{op}: scale_factor is on {s.device}, the input on {device}; "
+                "pass a tensor on the input's device (or a float)"
+            )
         if s.numel() < 1:
             raise ValueError(f"{op}: scale_factor is an empty tensor")
         if not (s.is_floating_point() and s.dtype.itemsize >= 2):
@@ -147,9 +157,19 @@ def _scale_factor_tensor(op: str, s: Any, device: torch.device) -> torch.Tensor:
     return torch.full((1,), _real(op, "scale_factor", s), dtype=torch.float32, device=device)
 
 
-def _check_fusion(op: str, pattern: int, x: Any, world_size: Any, rank: Any, token_num: Any,
-                  hidden_dim: Any, workspace_ptrs: Any, t: dict[str, Any],
-                  block_quant_group_size: Any, layout_code: Any) -> int:
+def _check_fusion(
+    op: str,
+    pattern: int,
+    x: Any,
+    world_size: Any,
+    rank: Any,
+    token_num: Any,
+    hidden_dim: Any,
+    workspace_ptrs: Any,
+    t: dict[str, Any],
+    block_quant_group_size: Any,
+    layout_code: Any,
+) -> int:
     """Every argument check of one fused call; returns the layout code to use."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{op}: allreduce_in must be a Tensor, got {type(x).__name__}")
@@ -163,21 +183,27 @@ def _check_fusion(op: str, pattern: int, x: Any, world_size: Any, rank: Any, tok
     _int(op, "token_num", token_num, 0)
     _int(op, "hidden_dim", hidden_dim, 1)
     if hidden_dim * elem % 16:
-        raise ValueError(f"{op}: hidden_dim ({hidden_dim}) must be a multiple of {16 // elem} "
-                         f"for {x.dtype}")
+        raise ValueError(
+            f"{op}: hidden_dim ({hidden_dim}) must be a multiple of {16 // elem} for {x.dtype}"
+        )
     if hidden_dim * elem > _MAX_ROW_BYTES:
-        raise ValueError(f"{op}: hidden_dim ({hidden_dim}) must be <= "
-                         f"{_MAX_ROW_BYTES // elem} for {x.dtype}")
+        raise ValueError(
+            f"{op}: hidden_dim ({hidden_dim}) must be <= {_MAX_ROW_BYTES // elem} for {x.dtype}"
+        )
     numel = token_num * hidden_dim
     if x.numel() != numel:
-        raise ValueError(f"{op}: the input has {x.numel()} elements, expected token_num * "
-                         f"hidden_dim = {token_num} * {hidden_dim} = {numel}")
+        raise ValueError(
+            f"{op}: the input has {x.numel()} elements, expected token_num * "
+            f"hidden_dim = {token_num} * {hidden_dim} = {numel}"
+        )
     _tensor(op, "allreduce_in", x, x.device)
     ptrs = _tensor(op, "workspace_ptrs", workspace_ptrs, x.device)
     if ptrs.dtype != torch.int64 or ptrs.numel() != 3 * world_size + 1:
-        raise ValueError(f"{op}: workspace_ptrs must be the int64 pointer table of "
-                         f"3 * world_size + 1 = {3 * world_size + 1} entries, got "
-                         f"{ptrs.dtype} with {ptrs.numel()}")
+        raise ValueError(
+            f"{op}: workspace_ptrs must be the int64 pointer table of "
+            f"3 * world_size + 1 = {3 * world_size + 1} entries, got "
+            f"{ptrs.dtype} with {ptrs.numel()}"
+        )
     for name in _NEEDS[pattern]:
         if name == "block_quant_group_size":
             if block_quant_group_size is None:
@@ -190,48 +216,62 @@ def _check_fusion(op: str, pattern: int, x: Any, world_size: Any, rank: Any, tok
                 _rows(op, name, t[name], x, numel)
         gamma = _tensor(op, "rms_gamma", t["rms_gamma"], x.device)
         if gamma.dtype != x.dtype:
-            raise TypeError(f"{op}: rms_gamma.dtype ({gamma.dtype}) must be the input's "
-                            f"({x.dtype})")
+            raise TypeError(
+                f"{op}: rms_gamma.dtype ({gamma.dtype}) must be the input's ({x.dtype})"
+            )
         if gamma.numel() != hidden_dim:
-            raise ValueError(f"{op}: rms_gamma has {gamma.numel()} elements, expected "
-                             f"hidden_dim ({hidden_dim})")
+            raise ValueError(
+                f"{op}: rms_gamma has {gamma.numel()} elements, expected hidden_dim ({hidden_dim})"
+            )
     elif t.get("allreduce_out") is not None:
         _rows(op, "allreduce_out", t["allreduce_out"], x, numel)
     q, sf = t.get("quant_out"), t.get("scale_out")
     if pattern in _STATIC_FP8 or pattern in _DYNAMIC_FP8 or pattern in _GROUP_FP8:
         _tensor(op, "quant_out", q, x.device)
         if q.dtype != torch.float8_e4m3fn or q.numel() != numel:
-            raise ValueError(f"{op}: quant_out must hold {numel} float8_e4m3fn elements, got "
-                             f"{q.numel()} of {q.dtype}")
+            raise ValueError(
+                f"{op}: quant_out must hold {numel} float8_e4m3fn elements, got "
+                f"{q.numel()} of {q.dtype}"
+            )
     if pattern in _DYNAMIC_FP8:
         _tensor(op, "scale_out", sf, x.device)
         if sf.dtype != torch.float32 or sf.numel() != token_num:
-            raise ValueError(f"{op}: scale_out must hold token_num ({token_num}) float32 "
-                             f"scales, got {sf.numel()} of {sf.dtype}")
+            raise ValueError(
+                f"{op}: scale_out must hold token_num ({token_num}) float32 "
+                f"scales, got {sf.numel()} of {sf.dtype}"
+            )
     if pattern in _NVFP4:
         if elem != 2:
-            raise TypeError(f"{op}: {pattern_name(pattern)} needs float16 or bfloat16 input, "
-                            f"got {x.dtype}")
+            raise TypeError(
+                f"{op}: {pattern_name(pattern)} needs float16 or bfloat16 input, got {x.dtype}"
+            )
         if hidden_dim % 16:
-            raise ValueError(f"{op}: {pattern_name(pattern)} needs hidden_dim ({hidden_dim}) "
-                             "to be a multiple of 16")
+            raise ValueError(
+                f"{op}: {pattern_name(pattern)} needs hidden_dim ({hidden_dim}) "
+                "to be a multiple of 16"
+            )
         _tensor(op, "quant_out", q, x.device)
         if q.numel() * q.element_size() != numel // 2:
-            raise ValueError(f"{op}: quant_out must hold {numel // 2} bytes (two FP4 values "
-                             f"per byte), got {q.numel() * q.element_size()}")
+            raise ValueError(
+                f"{op}: quant_out must hold {numel // 2} bytes (two FP4 values "
+                f"per byte), got {q.numel() * q.element_size()}"
+            )
         if not isinstance(sf, torch.Tensor) or sf.device != x.device:
             raise ValueError(f"{op}: scale_out must be a tensor on {x.device}")
     if pattern in _GROUP_FP8:
         g = _int(op, "block_quant_group_size", block_quant_group_size, 1)
         if hidden_dim % g:
-            raise ValueError(f"{op}: block_quant_group_size ({g}) must divide hidden_dim "
-                             f"({hidden_dim})")
+            raise ValueError(
+                f"{op}: block_quant_group_size ({g}) must divide hidden_dim ({hidden_dim})"
+            )
         if not isinstance(sf, torch.Tensor) or sf.dtype != torch.int32:
             raise ValueError(f"{op}: scale_out must be an int32 tensor of packed UE8M0 scales")
     layout = QuantizationSFLayout.SWIZZLED_128x4 if layout_code is None else layout_code
     if isinstance(layout, bool) or layout not in (0, 1, 2):
-        raise ValueError(f"{op}: layout_code ({layout_code!r}) must be a QuantizationSFLayout "
-                         "value (0, 1, 2) or None")
+        raise ValueError(
+            f"{op}: layout_code ({layout_code!r}) must be a QuantizationSFLayout "
+            "value (0, 1, 2) or None"
+        )
     return int(layout)
 
 
@@ -239,22 +279,60 @@ def _check_fusion(op: str, pattern: int, x: Any, world_size: Any, rank: Any, tok
 # The registered op and its implementation
 
 
-def _fusion_impl(allreduce_in, workspace_ptrs, world_size, world_rank, pattern, token_num,
-                 hidden_dim, launch_with_pdl, trigger_completion_at_end, fp32_acc, use_oneshot,
-                 allreduce_out, residual_in, residual_out, norm_out, quant_out, scale_out,
-                 rms_gamma, rms_eps, scale_factor, layout_code, weight_bias,
-                 block_quant_group_size) -> None:
+def _fusion_impl(
+    allreduce_in,
+    workspace_ptrs,
+    world_size,
+    world_rank,
+    pattern,
+    token_num,
+    hidden_dim,
+    launch_with_pdl,
+    trigger_completion_at_end,
+    fp32_acc,
+    use_oneshot,
+    allreduce_out,
+    residual_in,
+    residual_out,
+    norm_out,
+    quant_out,
+    scale_out,
+    rms_gamma,
+    rms_eps,
+    scale_factor,
+    layout_code,
+    weight_bias,
+    block_quant_group_size,
+) -> None:
     if token_num == 0:
         return
-    _fusion_launch.launch(_fusion_launch.FusionCall(
-        pattern=pattern, input=allreduce_in, token_num=token_num, hidden_dim=hidden_dim,
-        world_size=world_size, rank=world_rank, workspace_ptrs=workspace_ptrs,
-        launch_with_pdl=launch_with_pdl, trigger_completion_at_end=trigger_completion_at_end,
-        fp32_acc=fp32_acc, use_oneshot=use_oneshot, allreduce_out=allreduce_out,
-        residual_in=residual_in, residual_out=residual_out, norm_out=norm_out,
-        quant_out=quant_out, scale_out=scale_out, rms_gamma=rms_gamma, rms_eps=rms_eps,
-        scale_factor=scale_factor, layout_code=layout_code, weight_bias=weight_bias,
-        block_quant_group_size=block_quant_group_size))
+    _fusion_launch.launch(
+        _fusion_launch.FusionCall(
+            pattern=pattern,
+            input=allreduce_in,
+            token_num=token_num,
+            hidden_dim=hidden_dim,
+            world_size=world_size,
+            rank=world_rank,
+            workspace_ptrs=workspace_ptrs,
+            launch_with_pdl=launch_with_pdl,
+            trigger_completion_at_end=trigger_completion_at_end,
+            fp32_acc=fp32_acc,
+            use_oneshot=use_oneshot,
+            allreduce_out=allreduce_out,
+            residual_in=residual_in,
+            residual_out=residual_out,
+            norm_out=norm_out,
+            quant_out=quant_out,
+            scale_out=scale_out,
+            rms_gamma=rms_gamma,
+            rms_eps=rms_eps,
+            scale_factor=scale_factor,
+            layout_code=layout_code,
+            weight_bias=weight_bias,
+            block_quant_group_size=block_quant_group_size,
+        )
+    )
 
 
 def _fusion_fake(*args) -> None:
@@ -262,8 +340,15 @@ def _fusion_fake(*args) -> None:
 
 
 # The optional tensors of the op, in schema order (rms_gamma closes the run).
-_TENSOR_ARGS = ("allreduce_out", "residual_in", "residual_out", "norm_out", "quant_out",
-                "scale_out", "rms_gamma")
+_TENSOR_ARGS = (
+    "allreduce_out",
+    "residual_in",
+    "residual_out",
+    "norm_out",
+    "quant_out",
+    "scale_out",
+    "rms_gamma",
+)
 
 _fusion_op = register_op(
     "allreduce_fusion(Tensor allreduce_in, Tensor workspace_ptrs, int world_size, "
@@ -278,14 +363,41 @@ _fusion_op = register_op(
 )
 
 
-def _fused_call(op: str, pattern: int, x, world_size, rank, token_num, hidden_dim,
-                workspace_ptrs, launch_with_pdl, trigger_completion_at_end, fp32_acc,
-                use_oneshot, t: dict[str, Any], rms_eps, scale_factor, layout_code,
-                block_quant_group_size, weight_bias) -> None:
+def _fused_call(
+    op: str,
+    pattern: int,
+    x,
+    world_size,
+    rank,
+    token_num,
+    hidden_dim,
+    workspace_ptrs,
+    launch_with_pdl,
+    trigger_completion_at_end,
+    fp32_acc,
+    use_oneshot,
+    t: dict[str, Any],
+    rms_eps,
+    scale_factor,
+    layout_code,
+    block_quant_group_size,
+    weight_bias,
+) -> None:
     """Check everything, then launch (patterns 0, 1, 2, 4, 10, 11) or refuse (the others)."""
     t = dict(t, scale_factor=scale_factor)
-    layout = _check_fusion(op, pattern, x, world_size, rank, token_num, hidden_dim,
-                           workspace_ptrs, t, block_quant_group_size, layout_code)
+    layout = _check_fusion(
+        op,
+        pattern,
+        x,
+        world_size,
+        rank,
+        token_num,
+        hidden_dim,
+        workspace_ptrs,
+        t,
+        block_quant_group_size,
+        layout_code,
+    )
     pdl = _flag(op, "launch_with_pdl", launch_with_pdl)
     trigger = _flag(op, "trigger_completion_at_end", trigger_completion_at_end)
     acc = _flag(op, "fp32_acc", fp32_acc)
@@ -300,9 +412,25 @@ def _fused_call(op: str, pattern: int, x, world_size, rank, token_num, hidden_di
         raise _later_issue(op, pattern)
     group = None if block_quant_group_size is None else int(block_quant_group_size)
     used = _NEEDS[pattern]  # only what the pattern reads or writes reaches the kernel
-    args = (x, workspace_ptrs, world_size, rank, pattern, token_num, hidden_dim, pdl, trigger,
-            acc, use_oneshot, *(t[k] if k in used else None for k in _TENSOR_ARGS), eps, sf,
-            layout, bias, group)
+    args = (
+        x,
+        workspace_ptrs,
+        world_size,
+        rank,
+        pattern,
+        token_num,
+        hidden_dim,
+        pdl,
+        trigger,
+        acc,
+        use_oneshot,
+        *(t[k] if k in used else None for k in _TENSOR_ARGS),
+        eps,
+        sf,
+        layout,
+        bias,
+        group,
+    )
     if tracing():
         _fusion_op(*args)
     else:
@@ -321,12 +449,32 @@ def _deprecated_once(op: str, instead: str) -> None:
         warnings.warn(f"{op} is deprecated; use {instead}", DeprecationWarning, stacklevel=3)
 
 
-def trtllm_allreduce_fusion(allreduce_in, world_size, world_rank, token_num, hidden_dim,
-                            workspace_ptrs, launch_with_pdl, trigger_completion_at_end,
-                            fp32_acc, pattern_code, use_oneshot, allreduce_out, residual_in,
-                            residual_out, norm_out, quant_out, scale_out, rms_gamma, rms_eps,
-                            scale_factor, layout_code, metadata=None,
-                            block_quant_group_size=None, weight_bias=None) -> None:
+def trtllm_allreduce_fusion(
+    allreduce_in,
+    world_size,
+    world_rank,
+    token_num,
+    hidden_dim,
+    workspace_ptrs,
+    launch_with_pdl,
+    trigger_completion_at_end,
+    fp32_acc,
+    pattern_code,
+    use_oneshot,
+    allreduce_out,
+    residual_in,
+    residual_out,
+    norm_out,
+    quant_out,
+    scale_out,
+    rms_gamma,
+    rms_eps,
+    scale_factor,
+    layout_code,
+    metadata=None,
+    block_quant_group_size=None,
+    weight_bias=None,
+) -> None:
     """All-reduce ``allreduce_in`` over the workspace's ranks, then the pattern's epilogue.
 
     Unfused equivalent (``pattern_code`` decides which lines run and which outputs exist)::
@@ -356,44 +504,89 @@ def trtllm_allreduce_fusion(allreduce_in, world_size, world_rank, token_num, hid
         _deprecated_once(op, "allreduce_fusion")
     pattern = _pattern_arg(op, pattern_code)
     if pattern in _MOE:
-        raise NotImplementedError(f"{op}: {pattern_name(pattern)} runs through "
-                                  "trtllm_moe_allreduce_fusion / "
-                                  "trtllm_moe_finalize_allreduce_fusion, not available yet")
+        raise NotImplementedError(
+            f"{op}: {pattern_name(pattern)} runs through "
+            "trtllm_moe_allreduce_fusion / "
+            "trtllm_moe_finalize_allreduce_fusion, not available yet"
+        )
     if metadata is not None and isinstance(allreduce_in, torch.Tensor):
-        problems = metadata_problems(metadata, world_size, token_num, hidden_dim,
-                                     allreduce_in.dtype)
+        problems = metadata_problems(
+            metadata, world_size, token_num, hidden_dim, allreduce_in.dtype
+        )
         if problems:
             raise ValueError(f"{op}: the call does not fit the workspace: " + "; ".join(problems))
-    t = {"allreduce_out": allreduce_out, "residual_in": residual_in,
-         "residual_out": residual_out, "norm_out": norm_out, "quant_out": quant_out,
-         "scale_out": scale_out, "rms_gamma": rms_gamma}
-    _fused_call(op, pattern, allreduce_in, world_size, world_rank, token_num, hidden_dim,
-                workspace_ptrs, launch_with_pdl, trigger_completion_at_end, fp32_acc,
-                use_oneshot, t, rms_eps, scale_factor, layout_code, block_quant_group_size,
-                weight_bias)
+    t = {
+        "allreduce_out": allreduce_out,
+        "residual_in": residual_in,
+        "residual_out": residual_out,
+        "norm_out": norm_out,
+        "quant_out": quant_out,
+        "scale_out": scale_out,
+        "rms_gamma": rms_gamma,
+    }
+    _fused_call(
+        op,
+        pattern,
+        allreduce_in,
+        world_size,
+        world_rank,
+        token_num,
+        hidden_dim,
+        workspace_ptrs,
+        launch_with_pdl,
+        trigger_completion_at_end,
+        fp32_acc,
+        use_oneshot,
+        t,
+        rms_eps,
+        scale_factor,
+        layout_code,
+        block_quant_group_size,
+        weight_bias,
+    )
 
 
 _MOE_NEEDS = {
     _P.kMoEReductionARResidualRMSNorm: (
-        "moe_reduction_device_num_experts", "moe_reduction_scale_input",
-        "moe_reduction_active_experts_token_input", "moe_reduction_token_input",
-        "residual_in", "rms_gamma"),
-    _P.kMoEFinalizeARResidualRMSNorm: ("expanded_idx_to_permuted_idx", "residual_in",
-                                       "rms_gamma"),
+        "moe_reduction_device_num_experts",
+        "moe_reduction_scale_input",
+        "moe_reduction_active_experts_token_input",
+        "moe_reduction_token_input",
+        "residual_in",
+        "rms_gamma",
+    ),
+    _P.kMoEFinalizeARResidualRMSNorm: ("expanded_idx_to_permuted_idx", "residual_in", "rms_gamma"),
 }
 
 
-def allreduce_fusion(input: torch.Tensor, workspace: AllReduceFusionWorkspace, pattern: int,
-                     launch_with_pdl: bool = False, trigger_completion_at_end: bool = True,
-                     output=None, residual_out=None, norm_out=None, quant_out=None,
-                     scale_out=None, residual_in=None, rms_gamma=None, rms_eps: float = 1e-6,
-                     scale_factor=None, layout_code=None, use_oneshot=None,
-                     fp32_acc: bool = False, moe_reduction_device_num_experts=None,
-                     moe_reduction_scale_input=None,
-                     moe_reduction_active_experts_token_input=None,
-                     moe_reduction_token_input=None, expanded_idx_to_permuted_idx=None,
-                     expert_scale_factor=None, shared_expert_output=None,
-                     block_quant_group_size=None, weight_bias: float = 0.0) -> torch.Tensor:
+def allreduce_fusion(
+    input: torch.Tensor,
+    workspace: AllReduceFusionWorkspace,
+    pattern: int,
+    launch_with_pdl: bool = False,
+    trigger_completion_at_end: bool = True,
+    output=None,
+    residual_out=None,
+    norm_out=None,
+    quant_out=None,
+    scale_out=None,
+    residual_in=None,
+    rms_gamma=None,
+    rms_eps: float = 1e-6,
+    scale_factor=None,
+    layout_code=None,
+    use_oneshot=None,
+    fp32_acc: bool = False,
+    moe_reduction_device_num_experts=None,
+    moe_reduction_scale_input=None,
+    moe_reduction_active_experts_token_input=None,
+    moe_reduction_token_input=None,
+    expanded_idx_to_permuted_idx=None,
+    expert_scale_factor=None,
+    shared_expert_output=None,
+    block_quant_group_size=None,
+    weight_bias: float = 0.0,
+) -> torch.Tensor:
     """All-reduce ``input`` over the workspace's group, fused with the pattern's epilogue.
 
     Unfused equivalent::
@@ -419,19 +612,23 @@ def allreduce_fusion(input: torch.Tensor, workspace: AllReduceFusionWorkspace, p
     """
     op = "allreduce_fusion"
     if not isinstance(workspace, TRTLLMAllReduceFusionWorkspace):
-        raise TypeError(f"{op}: workspace must come from create_allreduce_fusion_workspace "
-                        f"(a TRTLLMAllReduceFusionWorkspace), got {type(workspace).__name__}")
+        raise TypeError(
+            f"{op}: workspace must come from create_allreduce_fusion_workspace "
+            f"(a TRTLLMAllReduceFusionWorkspace), got {type(workspace).__name__}"
+        )
     if workspace.destroyed:
         raise ValueError(f"{op}: the workspace has been destroyed")
     pattern = _pattern_arg(op, pattern)
     if pattern in _MOE:
-        given = {"moe_reduction_device_num_experts": moe_reduction_device_num_experts,
-                 "moe_reduction_scale_input": moe_reduction_scale_input,
-                 "moe_reduction_active_experts_token_input":
-                     moe_reduction_active_experts_token_input,
-                 "moe_reduction_token_input": moe_reduction_token_input,
-                 "expanded_idx_to_permuted_idx": expanded_idx_to_permuted_idx,
-                 "residual_in": residual_in, "rms_gamma": rms_gamma}
+        given = {
+            "moe_reduction_device_num_experts": moe_reduction_device_num_experts,
+            "moe_reduction_scale_input": moe_reduction_scale_input,
+            "moe_reduction_active_experts_token_input": moe_reduction_active_experts_token_input,
+            "moe_reduction_token_input": moe_reduction_token_input,
+            "expanded_idx_to_permuted_idx": expanded_idx_to_permuted_idx,
+            "residual_in": residual_in,
+            "rms_gamma": rms_gamma,
+        }
         for name in _MOE_NEEDS[pattern]:
             if given[name] is None:
                 raise ValueError(f"{op}: {pattern_name(pattern)} needs {name}")
@@ -439,8 +636,9 @@ def allreduce_fusion(input: torch.Tensor, workspace: AllReduceFusionWorkspace, p
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"{op}: input must be a Tensor, got {type(input).__name__}")
     if input.dim() != 2:
-        raise ValueError(f"{op}: input must be 2-D [token_num, hidden_dim], got shape "
-                         f"{tuple(input.shape)}")
+        raise ValueError(
+            f"{op}: input must be 2-D [token_num, hidden_dim], got shape {tuple(input.shape)}"
+        )
     if input.dtype not in _ELEM:
         raise TypeError(f"{op}: dtype ({input.dtype}) must be float16, bfloat16 or float32")
     n, d = input.shape
@@ -449,27 +647,58 @@ def allreduce_fusion(input: torch.Tensor, workspace: AllReduceFusionWorkspace, p
         raise ValueError(f"{op}: the call does not fit the workspace: " + "; ".join(problems))
     if pattern in _DYNAMIC_FP8:
         if isinstance(quant_out, torch.Tensor) and quant_out.shape != input.shape:
-            raise ValueError(f"{op}: quant_out shape {tuple(quant_out.shape)} must be the "
-                             f"input's {tuple(input.shape)}")
+            raise ValueError(
+                f"{op}: quant_out shape {tuple(quant_out.shape)} must be the "
+                f"input's {tuple(input.shape)}"
+            )
         if isinstance(scale_out, torch.Tensor) and tuple(scale_out.shape) != (n, 1):
             raise ValueError(f"{op}: scale_out shape {tuple(scale_out.shape)} must be ({n}, 1)")
-    if pattern in _GROUP_FP8 and isinstance(scale_out, torch.Tensor) and isinstance(
-            block_quant_group_size, int) and block_quant_group_size > 0:
+    if (
+        pattern in _GROUP_FP8
+        and isinstance(scale_out, torch.Tensor)
+        and isinstance(block_quant_group_size, int)
+        and block_quant_group_size > 0
+    ):
         packs, rows = -(-(d // block_quant_group_size) // 4), -(-n // 4) * 4
-        if tuple(scale_out.shape) != (n, packs) or (n > 1 and packs > 1 and
-                                                    tuple(scale_out.stride()) != (1, rows)):
-            raise ValueError(f"{op}: scale_out must have shape ({n}, {packs}) and strides "
-                             f"(1, {rows}), got {tuple(scale_out.shape)} / "
-                             f"{tuple(scale_out.stride())}")
+        if tuple(scale_out.shape) != (n, packs) or (
+            n > 1 and packs > 1 and tuple(scale_out.stride()) != (1, rows)
+        ):
+            raise ValueError(
+                f"{op}: scale_out must have shape ({n}, {packs}) and strides "
+                f"(1, {rows}), got {tuple(scale_out.shape)} / "
+                f"{tuple(scale_out.stride())}"
+            )
     if pattern == _P.kAllReduce and output is None:
         output = torch.empty_like(input)
-    t = {"allreduce_out": output, "residual_in": residual_in, "residual_out": residual_out,
-         "norm_out": norm_out, "quant_out": quant_out, "scale_out": scale_out,
-         "rms_gamma": rms_gamma}
-    _fused_call(op, pattern, input, workspace.world_size, workspace.rank, n, d,
-                workspace.workspace_tensor, launch_with_pdl, trigger_completion_at_end, fp32_acc,
-                use_oneshot, t, rms_eps, scale_factor, layout_code, block_quant_group_size,
-                weight_bias)
+    t = {
+        "allreduce_out": output,
+        "residual_in": residual_in,
+        "residual_out": residual_out,
+        "norm_out": norm_out,
+        "quant_out": quant_out,
+        "scale_out": scale_out,
+        "rms_gamma": rms_gamma,
+    }
+    _fused_call(
+        op,
+        pattern,
+        input,
+        workspace.world_size,
+        workspace.rank,
+        n,
+        d,
+        workspace.workspace_tensor,
+        launch_with_pdl,
+        trigger_completion_at_end,
+        fp32_acc,
+        use_oneshot,
+        t,
+        rms_eps,
+        scale_factor,
+        layout_code,
+        block_quant_group_size,
+        weight_bias,
+    )
     if norm_out is not None:
         return norm_out
     if quant_out is not None:
@@ -478,17 +707,37 @@ def allreduce_fusion(input: torch.Tensor, workspace: AllReduceFusionWorkspace, p
 
 
 _LEGACY_WORLD_SIZES = (2, 4, 6, 8, 16)
-_LEGACY_OPS = (AllReduceFusionOp.NONE, AllReduceFusionOp.RESIDUAL_RMS_NORM,
-               AllReduceFusionOp.RESIDUAL_RMS_PREPOST_NORM)
+_LEGACY_OPS = (
+    AllReduceFusionOp.NONE,
+    AllReduceFusionOp.RESIDUAL_RMS_NORM,
+    AllReduceFusionOp.RESIDUAL_RMS_PREPOST_NORM,
+)
 
 
-def trtllm_custom_all_reduce(inp, out, tp_size, tp_rank, token_num, fusion_op_code,
-                             strategy_code, config_code, launch_with_pdl, flag_value,
-                             peer_comm_buffer_ptrs, peer_barrier_ptrs_in, peer_barrier_ptrs_out,
-                             bias, residual, weight, weight_pre_residual_norm, eps,
-                             intermediate_buffer, lamport_peer_comm_buffer_ptrs_0,
-                             lamport_peer_comm_buffer_ptrs_1,
-                             lamport_peer_comm_buffer_ptrs_2) -> None:
+def trtllm_custom_all_reduce(
+    inp,
+    out,
+    tp_size,
+    tp_rank,
+    token_num,
+    fusion_op_code,
+    strategy_code,
+    config_code,
+    launch_with_pdl,
+    flag_value,
+    peer_comm_buffer_ptrs,
+    peer_barrier_ptrs_in,
+    peer_barrier_ptrs_out,
+    bias,
+    residual,
+    weight,
+    weight_pre_residual_norm,
+    eps,
+    intermediate_buffer,
+    lamport_peer_comm_buffer_ptrs_0,
+    lamport_peer_comm_buffer_ptrs_1,
+    lamport_peer_comm_buffer_ptrs_2,
+) -> None:
     """The legacy all-reduce (deprecated): ``out = sum over ranks of inp``, optionally fused
     with bias + residual + RMSNorm. Arguments are checked; the kernel itself is not provided:
     the call then raises NotImplementedError pointing to allreduce_fusion."""
@@ -501,8 +750,10 @@ def trtllm_custom_all_reduce(inp, out, tp_size, tp_rank, token_num, fusion_op_co
     if elem is None:
         raise TypeError(f"{op}: dtype ({inp.dtype}) must be float16, bfloat16 or float32")
     if out.dtype != inp.dtype or out.numel() != inp.numel():
-        raise ValueError(f"{op}: out ({out.dtype}, {out.numel()} elements) must match inp "
-                         f"({inp.dtype}, {inp.numel()})")
+        raise ValueError(
+            f"{op}: out ({out.dtype}, {out.numel()} elements) must match inp "
+            f"({inp.dtype}, {inp.numel()})"
+        )
     _int(op, "tp_size", tp_size, 1)
     if tp_size not in _LEGACY_WORLD_SIZES:
         raise ValueError(f"{op}: tp_size ({tp_size}) must be one of {_LEGACY_WORLD_SIZES}")
@@ -511,42 +762,59 @@ def trtllm_custom_all_reduce(inp, out, tp_size, tp_rank, token_num, fusion_op_co
         raise ValueError(f"{op}: tp_rank ({tp_rank}) must be < tp_size ({tp_size})")
     _int(op, "token_num", token_num, 1)
     if inp.numel() % token_num:
-        raise ValueError(f"{op}: inp.numel() ({inp.numel()}) must be a multiple of token_num "
-                         f"({token_num})")
+        raise ValueError(
+            f"{op}: inp.numel() ({inp.numel()}) must be a multiple of token_num ({token_num})"
+        )
     _int(op, "fusion_op_code", fusion_op_code, 0)
     if fusion_op_code not in _LEGACY_OPS:
-        raise NotImplementedError(f"{op}: fusion_op_code ({fusion_op_code}) is not supported "
-                                  f"(NONE, RESIDUAL_RMS_NORM, RESIDUAL_RMS_PREPOST_NORM)")
+        raise NotImplementedError(
+            f"{op}: fusion_op_code ({fusion_op_code}) is not supported "
+            f"(NONE, RESIDUAL_RMS_NORM, RESIDUAL_RMS_PREPOST_NORM)"
+        )
     strategies = (AllReduceStrategyType.ONESHOT, AllReduceStrategyType.TWOSHOT)
     if strategy_code not in strategies:
-        raise ValueError(f"{op}: strategy_code ({strategy_code!r}) must be ONESHOT (4) or "
-                         "TWOSHOT (5)")
+        raise ValueError(
+            f"{op}: strategy_code ({strategy_code!r}) must be ONESHOT (4) or TWOSHOT (5)"
+        )
     both = AllReduceStrategyConfig.USE_MEMCPY | AllReduceStrategyConfig.PUSH_MODE
     _int(op, "config_code", config_code, 0)
     if config_code & ~both or config_code == both:
-        raise ValueError(f"{op}: config_code ({config_code}) must combine USE_MEMCPY or "
-                         "PUSH_MODE, not both")
+        raise ValueError(
+            f"{op}: config_code ({config_code}) must combine USE_MEMCPY or PUSH_MODE, not both"
+        )
     vec = 16 // elem * (tp_size if strategy_code == AllReduceStrategyType.TWOSHOT else 1)
     if inp.numel() % vec:
-        raise ValueError(f"{op}: inp.numel() ({inp.numel()}) must be a multiple of {vec} for "
-                         "this strategy and dtype")
+        raise ValueError(
+            f"{op}: inp.numel() ({inp.numel()}) must be a multiple of {vec} for "
+            "this strategy and dtype"
+        )
     _flag(op, "launch_with_pdl", launch_with_pdl)
     _int(op, "flag_value", flag_value, 1)
-    for name, ptrs in (("peer_comm_buffer_ptrs", peer_comm_buffer_ptrs),
-                       ("peer_barrier_ptrs_in", peer_barrier_ptrs_in),
-                       ("peer_barrier_ptrs_out", peer_barrier_ptrs_out),
-                       ("lamport_peer_comm_buffer_ptrs_0", lamport_peer_comm_buffer_ptrs_0),
-                       ("lamport_peer_comm_buffer_ptrs_1", lamport_peer_comm_buffer_ptrs_1),
-                       ("lamport_peer_comm_buffer_ptrs_2", lamport_peer_comm_buffer_ptrs_2)):
-        if (not isinstance(ptrs, torch.Tensor) or ptrs.device.type != "cpu"
-                or ptrs.dtype != torch.int64 or ptrs.numel() != tp_size):
-            raise ValueError(f"{op}: {name} must be a CPU int64 tensor of tp_size ({tp_size}) "
-                             "pointers")
+    for name, ptrs in (
+        ("peer_comm_buffer_ptrs", peer_comm_buffer_ptrs),
+        ("peer_barrier_ptrs_in", peer_barrier_ptrs_in),
+        ("peer_barrier_ptrs_out", peer_barrier_ptrs_out),
+        ("lamport_peer_comm_buffer_ptrs_0", lamport_peer_comm_buffer_ptrs_0),
+        ("lamport_peer_comm_buffer_ptrs_1", lamport_peer_comm_buffer_ptrs_1),
+        ("lamport_peer_comm_buffer_ptrs_2", lamport_peer_comm_buffer_ptrs_2),
+    ):
+        if (
+            not isinstance(ptrs, torch.Tensor)
+            or ptrs.device.type != "cpu"
+            or ptrs.dtype != torch.int64
+            or ptrs.numel() != tp_size
+        ):
+            raise ValueError(
+                f"{op}: {name} must be a CPU int64 tensor of tp_size ({tp_size}) pointers"
+            )
     if fusion_op_code != AllReduceFusionOp.NONE:
         for name, value in (("residual", residual), ("intermediate_buffer", intermediate_buffer)):
             if not isinstance(value, torch.Tensor) or value.numel() != inp.numel():
-                raise ValueError(f"{op}: {name} must be a tensor of {inp.numel()} elements for "
-                                 f"fusion_op_code {fusion_op_code}")
+                raise ValueError(
+                    f"{op}: {name} must be a tensor of {inp.numel()} elements for "
+                    f"fusion_op_code {fusion_op_code}"
+                )
     raise NotImplementedError(
         f"{op}: the legacy kernel is not provided; use allreduce_fusion with a workspace from "
-        "create_allreduce_fusion_workspace (kAllReduce or kARResidualRMSNorm)")
+        "create_allreduce_fusion_workspace (kAllReduce or kARResidualRMSNorm)"
+    )

@@ -10,7 +10,7 @@ and what is derived from them need a tolerance of about one unit in the last pla
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -65,8 +65,10 @@ def fusion_all_reduce(inputs: Sequence[torch.Tensor], *, fp32_acc: bool = True) 
     for q, t in enumerate(inputs):
         _check_activation(op, f"inputs[{q}]", t)
         if t.dtype != first.dtype or t.shape != first.shape:
-            raise ValueError(f"{op}: inputs[{q}] ({t.dtype}, {tuple(t.shape)}) differs from "
-                             f"inputs[0] ({first.dtype}, {tuple(first.shape)})")
+            raise ValueError(
+                f"{op}: inputs[{q}] ({t.dtype}, {tuple(t.shape)}) differs from "
+                f"inputs[0] ({first.dtype}, {tuple(first.shape)})"
+            )
     # Adding +0.0 turns -0.0 into +0.0 and leaves every other value (NaN included) alone.
     sanitised = [t + 0.0 for t in inputs]
     if fp32_acc or first.dtype == torch.float32:
@@ -104,8 +106,10 @@ def residual_rms_norm(
     _check_activation(op, "reduced", reduced)
     _check_activation(op, "residual_in", residual_in)
     if residual_in.dtype != reduced.dtype or residual_in.shape != reduced.shape:
-        raise ValueError(f"{op}: residual_in ({residual_in.dtype}, {tuple(residual_in.shape)}) "
-                         f"must match reduced ({reduced.dtype}, {tuple(reduced.shape)})")
+        raise ValueError(
+            f"{op}: residual_in ({residual_in.dtype}, {tuple(residual_in.shape)}) "
+            f"must match reduced ({reduced.dtype}, {tuple(reduced.shape)})"
+        )
     hidden = reduced.shape[-1]
     if rms_gamma.numel() != hidden:
         raise ValueError(f"{op}: rms_gamma has {rms_gamma.numel()} elements, expected {hidden}")
@@ -138,8 +142,11 @@ def quantize_fp8_static(y: torch.Tensor, scale_factor) -> torch.Tensor:
 
     ``scale_factor``: a float or a tensor whose first element is used.
     """
-    s = scale_factor.reshape(-1)[0].float().cpu() if isinstance(scale_factor, torch.Tensor) \
+    s = (
+        scale_factor.reshape(-1)[0].float().cpu()
+        if isinstance(scale_factor, torch.Tensor)
         else torch.tensor(float(scale_factor), dtype=torch.float32)
+    )
     inv = (torch.tensor(1.0, dtype=torch.float32) / s).to(y.device)
     return fp8_e4m3(y.float() * inv)
 
@@ -157,7 +164,9 @@ def quantize_fp8_dynamic(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     yf = y.float()
     amax = yf.abs().amax(dim=-1, keepdim=True)
-    scale = torch.clamp(amax / FP8_E4M3_MAX, min=DYNAMIC_FP8_MIN_SCALE)
+    # Divide by a tensor: torch's CUDA kernels turn division by a Python number into a
+    # multiply by its rounded reciprocal, which is not the correctly rounded quotient.
+    scale = torch.clamp(amax / torch.full_like(amax, FP8_E4M3_MAX), min=DYNAMIC_FP8_MIN_SCALE)
     return fp8_e4m3(yf / scale), scale
 
 
@@ -193,8 +202,9 @@ def allreduce_fusion_reference(
     if pattern == _P.kAllReduce:
         return {"allreduce_out": s}
     if pattern not in _PATTERNS:
-        raise NotImplementedError(f"{op}: {pattern_name(pattern)} has no reference here "
-                                  "(patterns 0, 1, 2, 4, 10, 11)")
+        raise NotImplementedError(
+            f"{op}: {pattern_name(pattern)} has no reference here (patterns 0, 1, 2, 4, 10, 11)"
+        )
     if residual_in is None or rms_gamma is None:
         raise ValueError(f"{op}: {pattern_name(pattern)} needs residual_in and rms_gamma")
     writes_norm, quant = _PATTERNS[pattern]

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from ..enums import BarrierFlagCount, LamportTokenNumThreshold, MAX_ALL_REDUCE_BLOCKS
+from ..enums import MAX_ALL_REDUCE_BLOCKS, LamportTokenNumThreshold
 from ..ops import _fusion_launch
 from ..ops.lamport import trtllm_lamport_initialize, trtllm_lamport_initialize_all
 from .comm_backend import resolve_backend
@@ -68,8 +68,9 @@ def _int_arg(op: str, name: str, value: Any, minimum: int) -> int:
 
 def _dtype_arg(op: str, dtype: Any) -> torch.dtype:
     if not isinstance(dtype, torch.dtype):
-        raise TypeError(f"{op}: dtype must be a torch.dtype, got {type(dtype).__name__} "
-                        f"({dtype!r})")
+        raise TypeError(
+            f"{op}: dtype must be a torch.dtype, got {type(dtype).__name__} ({dtype!r})"
+        )
     if dtype not in _ELEM_BYTES:
         raise TypeError(f"{op}: dtype ({dtype}) must be float16, bfloat16 or float32")
     return dtype
@@ -79,8 +80,9 @@ def _timeout_arg(op: str, timeout_s: Any) -> float | None:
     if timeout_s is None:
         return None
     if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)):
-        raise TypeError(f"{op}: timeout_s must be a number of seconds or None, "
-                        f"got {type(timeout_s).__name__}")
+        raise TypeError(
+            f"{op}: timeout_s must be a number of seconds or None, got {type(timeout_s).__name__}"
+        )
     if not timeout_s > 0:
         raise ValueError(f"{op}: timeout_s ({timeout_s}) must be > 0")
     return float(timeout_s)
@@ -93,12 +95,14 @@ def _group_backend(op: str, comm_backend: Any, group: Any, rank: int, size: int)
     if actual_size != size or actual_rank != rank:
         raise ValueError(
             f"{op}: the communicator has rank {actual_rank} of {actual_size}, but the call "
-            f"says rank {rank} of {size}; pass the rank and size inside the group")
+            f"says rank {rank} of {size}; pass the rank and size inside the group"
+        )
     return backend
 
 
-def _plan(op: str, world_size: int, max_token_num: int, hidden_dim: int,
-          dtype: torch.dtype) -> dict[str, int]:
+def _plan(
+    op: str, world_size: int, max_token_num: int, hidden_dim: int, dtype: torch.dtype
+) -> dict[str, int]:
     plan = _fusion_launch.workspace_bytes(world_size, max_token_num, hidden_dim, dtype)
     missing = [k for k in _PLAN_KEYS if k not in plan]
     if missing:
@@ -106,8 +110,9 @@ def _plan(op: str, world_size: int, max_token_num: int, hidden_dim: int,
     return {k: int(plan[k]) for k in _PLAN_KEYS}
 
 
-def fusion_workspace_bytes(world_size: int, max_token_num: int, hidden_dim: int,
-                           dtype: torch.dtype) -> int:
+def fusion_workspace_bytes(
+    world_size: int, max_token_num: int, hidden_dim: int, dtype: torch.dtype
+) -> int:
     """Device bytes that one rank's fusion workspace allocates, before allocating anything.
 
     The sum of the three peer-shared buffers (two-shot comm buffer, barrier flags, Lamport
@@ -198,19 +203,23 @@ def _create(op: str, backend, sizes: list[int], fill, finish):
     with agreement, end with a barrier; on any failure release everything and raise."""
     res = _Resources(backend)
     try:
+
         def enough_memory() -> None:
             if torch.cuda.is_available():
                 free, _ = torch.cuda.mem_get_info()
                 if free < sum(sizes):
-                    raise RuntimeError(f"{sum(sizes)} bytes needed, {free} free on "
-                                       f"cuda:{_current_device()}")
+                    raise RuntimeError(
+                        f"{sum(sizes)} bytes needed, {free} free on cuda:{_current_device()}"
+                    )
+
         _local_step(backend, op, "the device memory check", enough_memory)
         for i, size in enumerate(sizes):
             try:
                 res.shared.append(create_shared_buffer(size, comm_backend=backend))
             except Exception as exc:
-                raise RuntimeError(f"{op}: allocating shared buffer {i} ({size} bytes) "
-                                   f"failed: {exc}") from exc
+                raise RuntimeError(
+                    f"{op}: allocating shared buffer {i} ({size} bytes) failed: {exc}"
+                ) from exc
         _local_step(backend, op, "initialising the buffers", lambda: fill(res))
         result = _local_step(backend, op, "building the pointer table", lambda: finish(res))
         backend.barrier()
@@ -236,18 +245,30 @@ def _zero(ptr: int, num_bytes: int) -> None:
 _LIVE: dict[int, tuple[list, _Resources]] = {}
 
 
-def _create_fusion(op: str, tp_rank: int, tp_size: int, max_token_num: int, hidden_dim: int,
-                   use_fp32_lamport: bool, group: Any, create_metadata: bool, comm_backend: Any,
-                   use_symm_dev_mem: bool, timeout_s: Any):
+def _create_fusion(
+    op: str,
+    tp_rank: int,
+    tp_size: int,
+    max_token_num: int,
+    hidden_dim: int,
+    use_fp32_lamport: bool,
+    group: Any,
+    create_metadata: bool,
+    comm_backend: Any,
+    use_symm_dev_mem: bool,
+    timeout_s: Any,
+):
     _int_arg(op, "tp_size", tp_size, 1)
     _int_arg(op, "tp_rank", tp_rank, 0)
     if tp_rank >= tp_size:
         raise ValueError(f"{op}: tp_rank ({tp_rank}) must be < tp_size ({tp_size})")
     _int_arg(op, "max_token_num", max_token_num, 1)
     _int_arg(op, "hidden_dim", hidden_dim, 1)
-    for name, flag in (("use_fp32_lamport", use_fp32_lamport),
-                       ("create_metadata", create_metadata),
-                       ("use_symm_dev_mem", use_symm_dev_mem)):
+    for name, flag in (
+        ("use_fp32_lamport", use_fp32_lamport),
+        ("create_metadata", create_metadata),
+        ("use_symm_dev_mem", use_symm_dev_mem),
+    ):
         if not isinstance(flag, bool):
             raise TypeError(f"{op}: {name} must be a bool, got {type(flag).__name__}")
     if use_symm_dev_mem and not create_metadata:
@@ -257,9 +278,11 @@ def _create_fusion(op: str, tp_rank: int, tp_size: int, max_token_num: int, hidd
     plan = _plan(op, tp_size, max_token_num, hidden_dim, dtype)
     full = tp_size * max_token_num * hidden_dim * _ELEM_BYTES[dtype]
     if plan["segment"] < full:
-        warnings.warn(f"{op}: one Lamport segment is capped at {plan['segment']} bytes "
-                      f"({full} would hold max_token_num tokens); larger calls run two-shot",
-                      stacklevel=3)
+        warnings.warn(
+            f"{op}: one Lamport segment is capped at {plan['segment']} bytes "
+            f"({full} would hold max_token_num tokens); larger calls run two-shot",
+            stacklevel=3,
+        )
     backend = _group_backend(op, comm_backend, group, tp_rank, tp_size)
     sizes = [_round16(plan["comm"]), _round16(plan["flags"]), _round16(plan["lamport"])]
 
@@ -268,8 +291,7 @@ def _create_fusion(op: str, tp_rank: int, tp_size: int, max_token_num: int, hidd
         _zero(flags, sizes[1])
         trtllm_lamport_initialize(lamport, sizes[2] // _ELEM_BYTES[dtype], dtype)
         _synchronize()
-        res.control = _fusion_launch.new_control_block(_current_device(),
-                                                       plan["segment"], timeout)
+        res.control = _fusion_launch.new_control_block(_current_device(), plan["segment"], timeout)
 
     def finish(res: _Resources) -> torch.Tensor:
         ptrs = [p for buf in res.shared for p in buf] + [int(res.control.ptr)]
@@ -300,9 +322,17 @@ def _create_fusion(op: str, tp_rank: int, tp_size: int, max_token_num: int, hidd
 
 
 def trtllm_create_ipc_workspace_for_all_reduce_fusion(
-    tp_rank: int, tp_size: int, max_token_num: int, hidden_dim: int,
-    use_fp32_lamport: bool = False, group: Any = None, create_metadata: bool = False,
-    comm_backend: Any = None, use_symm_dev_mem: bool = False, *, timeout_s: float | None = None,
+    tp_rank: int,
+    tp_size: int,
+    max_token_num: int,
+    hidden_dim: int,
+    use_fp32_lamport: bool = False,
+    group: Any = None,
+    create_metadata: bool = False,
+    comm_backend: Any = None,
+    use_symm_dev_mem: bool = False,
+    *,
+    timeout_s: float | None = None,
 ):
     """Create the fusion workspace (deprecated: use create_allreduce_fusion_workspace).
 
@@ -319,15 +349,34 @@ def trtllm_create_ipc_workspace_for_all_reduce_fusion(
     ``tp_size`` pointers (comm, flags, Lamport); pass that same list object to
     trtllm_destroy_ipc_workspace_for_all_reduce_fusion.
     """
-    warnings.warn("trtllm_create_ipc_workspace_for_all_reduce_fusion is deprecated; use "
-                  "create_allreduce_fusion_workspace", DeprecationWarning, stacklevel=2)
-    return _create_fusion("trtllm_create_ipc_workspace_for_all_reduce_fusion", tp_rank, tp_size,
-                          max_token_num, hidden_dim, use_fp32_lamport, group, create_metadata,
-                          comm_backend, use_symm_dev_mem, timeout_s)
+    warnings.warn(
+        "trtllm_create_ipc_workspace_for_all_reduce_fusion is deprecated; use "
+        "create_allreduce_fusion_workspace",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return _create_fusion(
+        "trtllm_create_ipc_workspace_for_all_reduce_fusion",
+        tp_rank,
+        tp_size,
+        max_token_num,
+        hidden_dim,
+        use_fp32_lamport,
+        group,
+        create_metadata,
+        comm_backend,
+        use_symm_dev_mem,
+        timeout_s,
+    )
 
 
 def trtllm_create_ipc_workspace_for_all_reduce(
-    rank: int, tp_size: int, max_token_num: int, hidden_dim: int, group: Any = None, *,
+    rank: int,
+    tp_size: int,
+    max_token_num: int,
+    hidden_dim: int,
+    group: Any = None,
+    *,
     comm_backend: Any = None,
 ) -> list[list[int]]:
     """Create the legacy workspace of trtllm_custom_all_reduce (deprecated).
@@ -338,8 +387,11 @@ def trtllm_create_ipc_workspace_for_all_reduce(
     the sentinel. Collective; ends with a barrier.
     """
     op = "trtllm_create_ipc_workspace_for_all_reduce"
-    warnings.warn(f"{op} is deprecated; use create_allreduce_fusion_workspace",
-                  DeprecationWarning, stacklevel=2)
+    warnings.warn(
+        f"{op} is deprecated; use create_allreduce_fusion_workspace",
+        DeprecationWarning,
+        stacklevel=2,
+    )
     _int_arg(op, "tp_size", tp_size, 1)
     _int_arg(op, "rank", rank, 0)
     if rank >= tp_size:
@@ -367,8 +419,10 @@ def trtllm_create_ipc_workspace_for_all_reduce(
 def _destroy(op: str, workspace: Any) -> None:
     entry = _LIVE.get(id(workspace))
     if entry is None or entry[0] is not workspace:
-        raise ValueError(f"{op}: workspace is not the ipc_handles list of a live workspace "
-                         "(already destroyed, or a copy of the list)")
+        raise ValueError(
+            f"{op}: workspace is not the ipc_handles list of a live workspace "
+            "(already destroyed, or a copy of the list)"
+        )
     del _LIVE[id(workspace)]
     problems = entry[1].release()
     if problems:
@@ -408,8 +462,14 @@ class AllReduceFusionWorkspace(abc.ABC):
         """The backend's name, e.g. ``"trtllm"``."""
 
     @abc.abstractmethod
-    def is_buffer_size_sufficient(self, tp_size: int, num_tokens: int, hidden_dim: int,
-                                  dtype: torch.dtype, use_oneshot: bool | None = None) -> bool:
+    def is_buffer_size_sufficient(
+        self,
+        tp_size: int,
+        num_tokens: int,
+        hidden_dim: int,
+        dtype: torch.dtype,
+        use_oneshot: bool | None = None,
+    ) -> bool:
         """Whether a call of this shape fits (False, with a log line, when it does not)."""
 
     @abc.abstractmethod
@@ -430,8 +490,12 @@ class AllReduceFusionWorkspace(abc.ABC):
     def __del__(self) -> None:
         if getattr(self, "_destroyed", True):
             return
-        warnings.warn(f"{type(self).__name__} (rank {self.rank} of {self.world_size}) was not "
-                      "destroyed; call destroy() on every rank", ResourceWarning, stacklevel=2)
+        warnings.warn(
+            f"{type(self).__name__} (rank {self.rank} of {self.world_size}) was not "
+            "destroyed; call destroy() on every rank",
+            ResourceWarning,
+            stacklevel=2,
+        )
         if sys.is_finalizing():
             self._destroyed = True  # the process is exiting: the driver releases everything
             return
@@ -450,15 +514,34 @@ class TRTLLMAllReduceFusionWorkspace(AllReduceFusionWorkspace):
     ``workspace_bytes`` (device bytes this rank allocated for shared buffers).
     """
 
-    def __init__(self, tp_size: int, tp_rank: int, max_token_num: int, hidden_dim: int,
-                 dtype: torch.dtype = torch.float16, comm_backend: Any = None, group: Any = None,
-                 *, timeout_s: float | None = None):
+    def __init__(
+        self,
+        tp_size: int,
+        tp_rank: int,
+        max_token_num: int,
+        hidden_dim: int,
+        dtype: torch.dtype = torch.float16,
+        comm_backend: Any = None,
+        group: Any = None,
+        *,
+        timeout_s: float | None = None,
+    ):
         op = "TRTLLMAllReduceFusionWorkspace"
         self._destroyed = True  # until created: a failed __init__ leaves nothing to free
         _dtype_arg(op, dtype)
         self.ipc_handles, self.workspace_tensor, self.mem_handles, self.metadata = _create_fusion(
-            op, tp_rank, tp_size, max_token_num, hidden_dim, dtype == torch.float32, group,
-            True, comm_backend, True, timeout_s)
+            op,
+            tp_rank,
+            tp_size,
+            max_token_num,
+            hidden_dim,
+            dtype == torch.float32,
+            group,
+            True,
+            comm_backend,
+            True,
+            timeout_s,
+        )
         super().__init__(tp_size, tp_rank)
         self.dtype = dtype
         self.max_token_num = max_token_num
@@ -470,20 +553,34 @@ class TRTLLMAllReduceFusionWorkspace(AllReduceFusionWorkspace):
     def backend(self) -> str:
         return "trtllm"
 
-    def check_call(self, tp_size: int, num_tokens: int, hidden_dim: int, dtype: torch.dtype,
-                   use_oneshot: bool | None = None) -> list[str]:
+    def check_call(
+        self,
+        tp_size: int,
+        num_tokens: int,
+        hidden_dim: int,
+        dtype: torch.dtype,
+        use_oneshot: bool | None = None,
+    ) -> list[str]:
         """Every reason a call of this shape does not fit (empty when it fits)."""
         m = self.metadata
         problems = metadata_problems(m, tp_size, num_tokens, hidden_dim, dtype)
         if use_oneshot and not problems:
             need = tp_size * num_tokens * hidden_dim * _ELEM_BYTES[dtype]
             if need > m["lamport_comm_size"]:
-                problems.append(f"one-shot needs {need} bytes per Lamport segment, the "
-                                f"workspace has {m['lamport_comm_size']}")
+                problems.append(
+                    f"one-shot needs {need} bytes per Lamport segment, the "
+                    f"workspace has {m['lamport_comm_size']}"
+                )
         return problems
 
-    def is_buffer_size_sufficient(self, tp_size: int, num_tokens: int, hidden_dim: int,
-                                  dtype: torch.dtype, use_oneshot: bool | None = None) -> bool:
+    def is_buffer_size_sufficient(
+        self,
+        tp_size: int,
+        num_tokens: int,
+        hidden_dim: int,
+        dtype: torch.dtype,
+        use_oneshot: bool | None = None,
+    ) -> bool:
         problems = self.check_call(tp_size, num_tokens, hidden_dim, dtype, use_oneshot)
         if problems:
             _log.warning("fusion workspace too small or mismatched: %s", "; ".join(problems))
@@ -493,33 +590,45 @@ class TRTLLMAllReduceFusionWorkspace(AllReduceFusionWorkspace):
         _destroy("TRTLLMAllReduceFusionWorkspace.destroy", self.ipc_handles)
 
     def __repr__(self) -> str:
-        return (f"TRTLLMAllReduceFusionWorkspace(rank={self.rank}, world_size={self.world_size}, "
-                f"max_token_num={self.max_token_num}, hidden_dim={self.hidden_dim}, "
-                f"dtype={self.dtype}, destroyed={self._destroyed})")
+        return (
+            f"TRTLLMAllReduceFusionWorkspace(rank={self.rank}, world_size={self.world_size}, "
+            f"max_token_num={self.max_token_num}, hidden_dim={self.hidden_dim}, "
+            f"dtype={self.dtype}, destroyed={self._destroyed})"
+        )
 
 
-def metadata_problems(metadata: Any, world_size: int, token_num: int, hidden_dim: int,
-                      dtype: torch.dtype) -> list[str]:
+def metadata_problems(
+    metadata: Any, world_size: int, token_num: int, hidden_dim: int, dtype: torch.dtype
+) -> list[str]:
     """Why a call does not match a workspace's metadata (empty list: it does)."""
     if not isinstance(metadata, dict):
         return [f"metadata must be a dict, got {type(metadata).__name__}"]
-    missing = [k for k in ("max_token_num", "tp_size", "hidden_dim", "use_fp32_lamport")
-               if k not in metadata]
+    missing = [
+        k
+        for k in ("max_token_num", "tp_size", "hidden_dim", "use_fp32_lamport")
+        if k not in metadata
+    ]
     problems = [f"metadata lacks {k!r}" for k in missing]
     if "tp_size" not in missing and world_size != metadata["tp_size"]:
-        problems.append(f"world_size ({world_size}) != the workspace's tp_size "
-                        f"({metadata['tp_size']})")
+        problems.append(
+            f"world_size ({world_size}) != the workspace's tp_size ({metadata['tp_size']})"
+        )
     if "max_token_num" not in missing and "hidden_dim" not in missing:
         capacity = metadata["max_token_num"] * metadata["hidden_dim"]
         if token_num * hidden_dim > capacity:
-            problems.append(f"token_num * hidden_dim ({token_num} * {hidden_dim} = "
-                            f"{token_num * hidden_dim}) exceeds the workspace's capacity "
-                            f"max_token_num * hidden_dim ({metadata['max_token_num']} * "
-                            f"{metadata['hidden_dim']} = {capacity})")
+            problems.append(
+                f"token_num * hidden_dim ({token_num} * {hidden_dim} = "
+                f"{token_num * hidden_dim}) exceeds the workspace's capacity "
+                f"max_token_num * hidden_dim ({metadata['max_token_num']} * "
+                f"{metadata['hidden_dim']} = {capacity})"
+            )
     if "use_fp32_lamport" not in missing and metadata["use_fp32_lamport"] != (
-            dtype == torch.float32):
-        problems.append(f"dtype {dtype} does not match the workspace (use_fp32_lamport="
-                        f"{metadata['use_fp32_lamport']})")
+        dtype == torch.float32
+    ):
+        problems.append(
+            f"dtype {dtype} does not match the workspace (use_fp32_lamport="
+            f"{metadata['use_fp32_lamport']})"
+        )
     return problems
 
 
@@ -531,10 +640,17 @@ def _single_node(backend, gpus_per_node: int | None, world_size: int) -> bool:
 
 
 def create_allreduce_fusion_workspace(
-    backend: str = "auto", world_size: int | None = None, rank: int | None = None,
-    max_token_num: int | None = None, hidden_dim: int | None = None,
-    dtype: torch.dtype | None = None, gpus_per_node: int | None = None,
-    comm_backend: Any = None, force_oneshot_support: bool = False, group: Any = None, *,
+    backend: str = "auto",
+    world_size: int | None = None,
+    rank: int | None = None,
+    max_token_num: int | None = None,
+    hidden_dim: int | None = None,
+    dtype: torch.dtype | None = None,
+    gpus_per_node: int | None = None,
+    comm_backend: Any = None,
+    force_oneshot_support: bool = False,
+    group: Any = None,
+    *,
     timeout_s: float | None = None,
 ) -> AllReduceFusionWorkspace:
     """Create the workspace that selects allreduce_fusion's backend. Collective.
@@ -553,11 +669,16 @@ def create_allreduce_fusion_workspace(
     if not isinstance(backend, str):
         raise TypeError(f"{op}: backend must be a str, got {type(backend).__name__}")
     if backend not in ("auto", "trtllm", "mnnvl"):
-        raise RuntimeError(f"{op}: unknown backend {backend!r} (choose 'auto', 'trtllm' or "
-                           "'mnnvl')")
-    for name, value in (("world_size", world_size), ("rank", rank),
-                        ("max_token_num", max_token_num), ("hidden_dim", hidden_dim),
-                        ("dtype", dtype)):
+        raise RuntimeError(
+            f"{op}: unknown backend {backend!r} (choose 'auto', 'trtllm' or 'mnnvl')"
+        )
+    for name, value in (
+        ("world_size", world_size),
+        ("rank", rank),
+        ("max_token_num", max_token_num),
+        ("hidden_dim", hidden_dim),
+        ("dtype", dtype),
+    ):
         if value is None:
             raise ValueError(f"{op}: {name} is required")
     _int_arg(op, "world_size", world_size, 1)
@@ -574,11 +695,14 @@ def create_allreduce_fusion_workspace(
         raise NotImplementedError(
             f"{op}: the multi-node NVLink backend ('mnnvl') is not available yet; within one "
             "node use backend='trtllm' (or 'auto'); across nodes use NCCL "
-            "(torch.distributed.all_reduce)")
+            "(torch.distributed.all_reduce)"
+        )
     comm = _group_backend(op, comm_backend, group, rank, world_size)
     if backend == "auto" and not _single_node(comm, gpus_per_node, world_size):
         raise NotImplementedError(
             f"{op}: the group spans several nodes, which needs the multi-node NVLink backend "
-            "('mnnvl'), not available yet; use NCCL (torch.distributed.all_reduce) across nodes")
-    return TRTLLMAllReduceFusionWorkspace(world_size, rank, max_token_num, hidden_dim, dtype,
-                                          comm_backend=comm, timeout_s=timeout_s)
+            "('mnnvl'), not available yet; use NCCL (torch.distributed.all_reduce) across nodes"
+        )
+    return TRTLLMAllReduceFusionWorkspace(
+        world_size, rank, max_token_num, hidden_dim, dtype, comm_backend=comm, timeout_s=timeout_s
+    )

@@ -1,0 +1,31 @@
+// ResidualAdd: the first step of the fused patterns (§3.2 step 1).
+//
+//   p_j = rd_T(float(s_j) + float(residual_in_j)), written to residual_out; the row becomes p.
+// residual_out may be residual_in (or the input): each pack is read before it is written, by
+// the same thread.
+#pragma once
+#include "fusedcomm/proto/row.cuh"
+
+namespace fusedcomm {
+
+struct ResidualAdd {
+  const void* residual_in;
+  void* residual_out;
+
+  // `base`: the row's first pack in the [token_num, hidden] tensors; `packs`: packs per row.
+  template <typename T, int kPacks>
+  __device__ __forceinline__ void operator()(Row<T, kPacks>& row, int packs, int64_t base) const {
+#pragma unroll
+    for (int j = 0; j < kPacks; ++j) {
+      if (!Row<T, kPacks>::has(j, packs)) continue;
+      const int64_t i = base + Row<T, kPacks>::index(j);
+      float acc[Pack<T>::kElems];
+      unpack_to(row.v[j], acc);
+      accumulate(acc, load_pack<T>(residual_in, i));
+      row.v[j] = pack_from<T>(acc);
+      store_pack<T>(residual_out, i, row.v[j]);
+    }
+  }
+};
+
+}  // namespace fusedcomm

@@ -1,0 +1,192 @@
+// Launch arguments, patterns and the shared prologue/epilogue of the Lamport all-reduce family.
+//
+// JIT key (template arguments; see python/fusedcomm/jit/allreduce_fusion.py): T (fp32, fp16,
+// bf16), kWorld (2, 4, 8, or 0 = any world size up to kMaxRanks, read at run time), kPattern
+// (AllReduceFusionPattern 0, 1, 2, 4, 10, 11) and kPacks (packs per thread of a token row).
+// Run-time arguments: everything in FusionArgs.
+//
+// A pattern is a compile-time composition of epilogues (epilogue/):
+//   0  store the sum                                  (allreduce_out)
+//   1  ResidualAdd, RmsNorm(norm_out)                 (residual_out, norm_out)
+//   2  ResidualAdd, RmsNorm, QuantFp8Static           (residual_out, quant_out)
+//   4  ResidualAdd, RmsNorm(norm_out), QuantFp8Static (+ norm_out)
+//   10 ResidualAdd, RmsNorm, QuantFp8Dynamic          (residual_out, quant_out, scale_out)
+//   11 ResidualAdd, RmsNorm(norm_out), QuantFp8Dynamic
+#pragma once
+#include "fusedcomm/epilogue/quant_fp8.cuh"
+#include "fusedcomm/epilogue/residual.cuh"
+#include "fusedcomm/epilogue/rmsnorm.cuh"
+#include "fusedcomm/layout/fusion_workspace.cuh"
+#include "fusedcomm/proto/pdl.cuh"
+#include "fusedcomm/sync/wait.cuh"
+
+namespace fusedcomm {
+
+constexpr int kFusionMaxThreads = 1024;
+constexpr int kFusionMaxPacks = 8;  // packs per thread: rows up to 8 * 1024 * 16 = 128 KiB
+constexpr int32_t kOpAllReduceFusion = 2;
+
+// Algorithms (the announced call word's low byte; the meeting tag's high nibble) and phases.
+// The names the host prints come from the binding (allreduce_fusion_describe).
+enum FusionAlgorithm : int32_t { kFusionAuto = 0, kFusionOneshot = 1, kFusionTwoshot = 2 };
+enum FusionPhase : int32_t { kFusionPull = 0, kFusionStaged = 1, kFusionReduced = 2 };
+
+__host__ __device__ constexpr uint32_t fusion_tag(FusionAlgorithm a, FusionPhase p) {
+  return (uint32_t(a) << 4) | uint32_t(p);
+}
+
+enum class Quant { kNone, kStatic, kDynamic };
+
+template <int kPattern>
+struct PatternTraits;
+template <>
+struct PatternTraits<0> {
+  static constexpr bool kNorm = false, kNormOut = false;
+  static constexpr Quant kQuant = Quant::kNone;
+};
+template <>
+struct PatternTraits<1> {
+  static constexpr bool kNorm = true, kNormOut = true;
+  static constexpr Quant kQuant = Quant::kNone;
+};
+template <>
+struct PatternTraits<2> {
+  static constexpr bool kNorm = true, kNormOut = false;
+  static constexpr Quant kQuant = Quant::kStatic;
+};
+template <>
+struct PatternTraits<4> {
+  static constexpr bool kNorm = true, kNormOut = true;
+  static constexpr Quant kQuant = Quant::kStatic;
+};
+template <>
+struct PatternTraits<10> {
+  static constexpr bool kNorm = true, kNormOut = false;
+  static constexpr Quant kQuant = Quant::kDynamic;
+};
+template <>
+struct PatternTraits<11> {
+  static constexpr bool kNorm = true, kNormOut = true;
+  static constexpr Quant kQuant = Quant::kDynamic;
+};
+
+struct FusionArgs {
+  const int64_t* table;    // the workspace pointer table (device), see FusionTable
+  FusionControl* control;  // this rank's control block
+  const void* input;       // [token_num, hidden] of T
+  void* allreduce_out;
+  const void* residual_in;
+  void* residual_out;
+  void* norm_out;
+  void* quant_out;
+  float* scale_out;
+  const void* gamma;
+  const float* scale_factor;
+  int64_t token_num;
+  int64_t segment_bytes;
+  int32_t row_packs;  // hidden * sizeof(T) / 16
+  int32_t hidden;
+  float eps;
+  float weight_bias;
+  FailureState failure;
+  uint64_t timeout_ns;
+  int32_t rank;
+  int32_t world;
+  bool fp32_acc;
+  bool trigger_at_end;
+};
+
+// What every block reads once from the pointer table and the control block (thread 0 fills
+// it, after pdl_wait, then the block synchronises).
+struct FusionShared {
+  FailureSite site;
+  char* comm[kMaxRanks];
+  char* lamport[kMaxRanks];
+  FusionFlags* flags[kMaxRanks];
+  PeerSignal* meet[kMaxRanks];
+  int32_t segment;
+  int32_t clear_packs;
+  uint32_t call;  // this call's number (calls completed + 1)
+  bool dead;      // the communicator failed earlier: do nothing
+};
+
+__device__ __forceinline__ void load_shared(FusionShared& s, const FusionArgs& a) {
+  if (threadIdx.x == 0) {
+    const FusionTable t{a.world};
+    for (int q = 0; q < a.world; ++q) {
+      s.comm[q] = reinterpret_cast<char*>(a.table[t.comm(q)]);
+      s.flags[q] = reinterpret_cast<FusionFlags*>(a.table[t.flags(q)]);
+      s.lamport[q] = reinterpret_cast<char*>(a.table[t.lamport(q)]);
+      s.meet[q] = &s.flags[q]->meet;
+      s.site.marks[q] = s.flags[q]->meet.abort_mark;
+    }
+    s.site.failure = a.failure;
+    s.site.timeout_ns = a.timeout_ns;
+    s.site.op = kOpAllReduceFusion;
+    s.site.rank = a.rank;
+    s.site.world = a.world;
+    s.segment = a.control->segment;
+    s.clear_packs = a.control->clear_packs;
+    s.call = static_cast<uint32_t>(a.control->calls) + 1;
+    s.dead = s.site.failed();
+  }
+  __syncthreads();
+}
+
+// The end of a call: when the last block has finished, advance the control block (the next
+// call reads it only after pdl_wait, i.e. after this grid has completed).
+__device__ __forceinline__ void finish_call(const FusionArgs& a, const FusionShared& s,
+                                            bool oneshot, int64_t written_packs) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    if (atomicAdd(&a.control->arrivals, 1) == static_cast<int>(gridDim.x) - 1) {
+      FusionControl* c = a.control;
+      if (oneshot) {
+        c->segment = (s.segment + 1) % 3;
+        c->clear_packs = static_cast<int32_t>(written_packs);
+      }
+      c->calls = static_cast<int32_t>(s.call & 0x7fffffffu);
+      c->arrivals = 0;
+    }
+  }
+  if (a.trigger_at_end) pdl_trigger();
+}
+
+// Runs the pattern's epilogue on a reduced row (all threads of the block, same control flow).
+template <int kPattern, typename T, int kPacks>
+__device__ __forceinline__ void run_epilogue(Row<T, kPacks>& row, const FusionArgs& a,
+                                             int64_t token, float static_inv) {
+  using P = PatternTraits<kPattern>;
+  const int packs = a.row_packs;
+  const int64_t base = token * packs;
+  if constexpr (!P::kNorm) {
+#pragma unroll
+    for (int j = 0; j < kPacks; ++j) {
+      if (Row<T, kPacks>::has(j, packs)) {
+        store_pack<T>(a.allreduce_out, base + Row<T, kPacks>::index(j), row.v[j]);
+      }
+    }
+  } else {
+    ResidualAdd{a.residual_in, a.residual_out}(row, packs, base);
+    RmsNorm{a.gamma, P::kNormOut ? a.norm_out : nullptr, a.eps, a.weight_bias, a.hidden}(row, packs,
+                                                                                         base);
+    if constexpr (P::kQuant == Quant::kStatic) {
+      QuantFp8Static{a.quant_out, static_inv}(row, packs, base);
+    } else if constexpr (P::kQuant == Quant::kDynamic) {
+      QuantFp8Dynamic{a.quant_out, a.scale_out}(row, packs, base, token);
+    }
+  }
+}
+
+// 1 / scale_factor[0] for the static quantiser (read after pdl_wait), else unused.
+template <int kPattern>
+__device__ __forceinline__ float static_inverse(const FusionArgs& a) {
+  if constexpr (PatternTraits<kPattern>::kQuant == Quant::kStatic) {
+    return 1.0f / *a.scale_factor;
+  } else {
+    return 0.0f;
+  }
+}
+
+}  // namespace fusedcomm

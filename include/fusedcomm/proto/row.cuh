@@ -1,0 +1,59 @@
+// A token row held in registers by one thread block, and the block reductions over it.
+//
+// Row<T, kPacks>: thread t of a block of B threads holds packs t, t + B, ..., t + (kPacks-1)*B
+// of a row of `packs` 16-byte packs (packs <= kPacks * B); Row::has(j, packs) says whether slot
+// j is inside the row. Every thread of the block must call block_sum / block_max (they
+// synchronise the block) with the same control flow.
+#pragma once
+#include "fusedcomm/common/vec.cuh"
+
+namespace fusedcomm {
+
+template <typename T, int kPacks>
+struct Row {
+  Pack<T> v[kPacks];
+
+  __device__ __forceinline__ static int index(int j) { return j * blockDim.x + threadIdx.x; }
+  __device__ __forceinline__ static bool has(int j, int packs) { return index(j) < packs; }
+};
+
+namespace detail {
+template <bool kMax>
+__device__ __forceinline__ float warp_reduce(float v) {
+#pragma unroll
+  for (int m = 16; m > 0; m >>= 1) {
+    const float o = __shfl_xor_sync(0xffffffffu, v, m);
+    v = kMax ? fmaxf(v, o) : v + o;
+  }
+  return v;
+}
+
+// Block-wide sum or max of one float per thread; every thread gets the result. Needs
+// blockDim.x to be a multiple of 32.
+template <bool kMax>
+__device__ __forceinline__ float block_reduce(float v) {
+  __shared__ float partial[32];
+  __shared__ float result;
+  v = warp_reduce<kMax>(v);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  __syncthreads();  // a previous call may still read `result`
+  if (lane == 0) partial[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    const int warps = blockDim.x >> 5;
+    float w = lane < warps ? partial[lane] : (kMax ? 0.0f : 0.0f);
+    w = warp_reduce<kMax>(w);
+    if (lane == 0) result = w;
+  }
+  __syncthreads();
+  return result;
+}
+}  // namespace detail
+
+// Sum over the block (order unspecified but fixed for a given block size).
+__device__ __forceinline__ float block_sum(float v) { return detail::block_reduce<false>(v); }
+
+// Max over the block of non-negative values (absolute values).
+__device__ __forceinline__ float block_max_abs(float v) { return detail::block_reduce<true>(v); }
+
+}  // namespace fusedcomm
