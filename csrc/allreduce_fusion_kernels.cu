@@ -5,9 +5,9 @@
 //   allreduce_fusion_abi() -> kFusionAbi of the headers this module was built from
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <tvm/ffi/function.h>
 
 #include "allreduce_fusion.h"
+#include "binding.h"
 #include "fusedcomm/kernels/allreduce_fusion_oneshot.cuh"
 #include "fusedcomm/kernels/allreduce_fusion_twoshot.cuh"
 
@@ -68,15 +68,6 @@ cudaError_t launch(const FusionArgs& a, const FusionPlan& plan, int pattern, boo
 }
 
 }  // namespace
-
-int64_t allreduce_fusion_launcher() {
-  FusionLauncher fn = &launch;
-  return reinterpret_cast<int64_t>(fn);
-}
-
-int64_t allreduce_fusion_abi() { return kFusionAbi; }
-
 }  // namespace fusedcomm
 
-TVM_FFI_DLL_EXPORT_TYPED_FUNC(allreduce_fusion_launcher, fusedcomm::allreduce_fusion_launcher);
-TVM_FFI_DLL_EXPORT_TYPED_FUNC(allreduce_fusion_abi, fusedcomm::allreduce_fusion_abi);
+FC_EXPORT_KERNEL_MODULE(allreduce_fusion, FusionLauncher, kFusionAbi);

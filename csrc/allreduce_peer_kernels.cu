@@ -27,15 +27,6 @@ cudaError_t launch(const AllReduceArgs& a, PeerAlgorithm algorithm, int blocks, 
 }
 
 }  // namespace
-
-int64_t allreduce_peer_launcher() {
-  PeerLauncher fn = &launch;
-  return reinterpret_cast<int64_t>(fn);
-}
-
-int64_t allreduce_peer_abi() { return kPeerAbi; }
-
 }  // namespace fusedcomm
 
-TVM_FFI_DLL_EXPORT_TYPED_FUNC(allreduce_peer_launcher, fusedcomm::allreduce_peer_launcher);
-TVM_FFI_DLL_EXPORT_TYPED_FUNC(allreduce_peer_abi, fusedcomm::allreduce_peer_abi);
+FC_EXPORT_KERNEL_MODULE(allreduce_peer, PeerLauncher, kPeerAbi);

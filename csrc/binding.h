@@ -37,6 +37,20 @@ namespace ffi = tvm::ffi;
     }                                                                                          \
   } while (0)
 
+// The two exports of a kernel module, at global scope after its fusedcomm::launch:
+//   <name>_launcher() -> the address of `launch` as a `Launcher` (what the control module calls)
+//   <name>_abi() -> `abi`, the version of the headers the module was built from
+#define FC_EXPORT_KERNEL_MODULE(name, Launcher, abi)                          \
+  namespace fusedcomm {                                                       \
+  int64_t name##_launcher() {                                                 \
+    Launcher fn = &launch;                                                    \
+    return reinterpret_cast<int64_t>(fn);                                     \
+  }                                                                           \
+  int64_t name##_abi() { return abi; }                                        \
+  }                                                                           \
+  TVM_FFI_DLL_EXPORT_TYPED_FUNC(name##_launcher, fusedcomm::name##_launcher); \
+  TVM_FFI_DLL_EXPORT_TYPED_FUNC(name##_abi, fusedcomm::name##_abi)
+
 enum class DType { kF32, kF16, kBF16, kOther };
 
 inline DType dtype_of(DLDataType t) {

@@ -19,11 +19,8 @@ from .enums import (
 )
 from .jit import BuildError, MissingModuleError
 from .mapping import Mapping
-from .ops.allreduce_fusion import (
-    allreduce_fusion,
-    trtllm_allreduce_fusion,
-    trtllm_custom_all_reduce,
-)
+from .ops.allreduce_fusion import allreduce_fusion, trtllm_allreduce_fusion
+from .ops.allreduce_legacy import trtllm_custom_all_reduce
 from .ops.lamport import trtllm_lamport_initialize, trtllm_lamport_initialize_all
 from .ops.vllm_ar import (
     vllm_all_reduce,

@@ -133,7 +133,16 @@ def _bench_gpu(world: int, quick: bool) -> dict:
     tokens = (1, 8, 64, 256, 1024) if quick else allreduce.TOKENS
     found = run_ranks(foundation.bench_rank, world, backend="nccl", timeout_s=300)
     rows = run_ranks(allreduce.bench_rank, world, backend="nccl", timeout_s=900, args=(tokens,))
-    return {"foundation": found[0], "allreduce": rows[0], "allreduce_per_rank": rows}
+    from .bench import fusion
+
+    fused_tokens = tuple(t for t in fusion.TOKENS if t <= 1024) if quick else fusion.TOKENS
+    fused = run_ranks(fusion.bench_rank, world, backend="nccl", timeout_s=900, args=(fused_tokens,))
+    return {
+        "foundation": found[0],
+        "allreduce": rows[0],
+        "allreduce_per_rank": rows,
+        "fusion": fused[0],
+    }
 
 
 def bench(args) -> int:
@@ -173,9 +182,18 @@ def bench(args) -> int:
     print("\ntargets:")
     for line in allreduce.check_targets(result["allreduce"]):
         print("  " + line)
+    from .bench import fusion
+
+    fused_table = fusion.markdown(result["fusion"])
+    print(
+        f"\nfused all-reduce (Lamport family), bf16, hidden {fusion.HIDDEN}, {world} ranks, "
+        "microseconds per call; fused = AR + residual + RMSNorm, fp8 = the same + FP8 output, "
+        "unfused = NCCL + add + torch rms_norm:\n"
+    )
+    print(fused_table)
     if args.markdown:
         with open(args.markdown, "w") as fh:
-            fh.write(table + "\n")
+            fh.write(table + "\n\n" + fused_table + "\n")
     if args.plot:
         allreduce.plot(result["allreduce"], args.plot)
         print(f"plot written to {args.plot}")

@@ -43,15 +43,11 @@ struct QuantFp8Static {
   __device__ __forceinline__ void operator()(const Row<T, kPacks>& row, int packs,
                                              int64_t base) const {
     constexpr int kElems = Pack<T>::kElems;
-#pragma unroll
-    for (int j = 0; j < kPacks; ++j) {
-      if (!Row<T, kPacks>::has(j, packs)) continue;
-      float y[kElems];
-      unpack_to(row.v[j], y);
+    row.for_each_pack(packs, [&](int j, float (&y)[kElems]) {
 #pragma unroll
       for (int e = 0; e < kElems; ++e) y[e] *= inv;
       detail::store_e4m3<kElems>(out, base + Row<T, kPacks>::index(j), y);
-    }
+    });
   }
 };
 
@@ -64,25 +60,17 @@ struct QuantFp8Dynamic {
                                              int64_t token) const {
     constexpr int kElems = Pack<T>::kElems;
     float amax = 0.0f;
-#pragma unroll
-    for (int j = 0; j < kPacks; ++j) {
-      if (!Row<T, kPacks>::has(j, packs)) continue;
-      float y[kElems];
-      unpack_to(row.v[j], y);
+    row.for_each_pack(packs, [&](int, float (&y)[kElems]) {
 #pragma unroll
       for (int e = 0; e < kElems; ++e) amax = fmaxf(amax, fabsf(y[e]));
-    }
+    });
     const float sigma = fmaxf(block_max_abs(amax) / kE4m3Max, kDynamicFp8MinScale);
     if (threadIdx.x == 0) scale_out[token] = sigma;
-#pragma unroll
-    for (int j = 0; j < kPacks; ++j) {
-      if (!Row<T, kPacks>::has(j, packs)) continue;
-      float y[kElems];
-      unpack_to(row.v[j], y);
+    row.for_each_pack(packs, [&](int j, float (&y)[kElems]) {
 #pragma unroll
       for (int e = 0; e < kElems; ++e) y[e] = y[e] / sigma;  // saturation = the clamp
       detail::store_e4m3<kElems>(out, base + Row<T, kPacks>::index(j), y);
-    }
+    });
   }
 };
 

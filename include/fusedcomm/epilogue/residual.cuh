@@ -15,16 +15,12 @@ struct ResidualAdd {
   // `base`: the row's first pack in the [token_num, hidden] tensors; `packs`: packs per row.
   template <typename T, int kPacks>
   __device__ __forceinline__ void operator()(Row<T, kPacks>& row, int packs, int64_t base) const {
-#pragma unroll
-    for (int j = 0; j < kPacks; ++j) {
-      if (!Row<T, kPacks>::has(j, packs)) continue;
+    row.for_each_pack(packs, [&](int j, float (&acc)[Pack<T>::kElems]) {
       const int64_t i = base + Row<T, kPacks>::index(j);
-      float acc[Pack<T>::kElems];
-      unpack_to(row.v[j], acc);
       accumulate(acc, load_pack<T>(residual_in, i));
       row.v[j] = pack_from<T>(acc);
       store_pack<T>(residual_out, i, row.v[j]);
-    }
+    });
   }
 };
 

@@ -20,27 +20,20 @@ struct RmsNorm {
   __device__ __forceinline__ void operator()(Row<T, kPacks>& row, int packs, int64_t base) const {
     constexpr int kElems = Pack<T>::kElems;
     float ss = 0.0f;
-#pragma unroll
-    for (int j = 0; j < kPacks; ++j) {
-      if (!Row<T, kPacks>::has(j, packs)) continue;
-      float p[kElems];
-      unpack_to(row.v[j], p);
+    row.for_each_pack(packs, [&](int, float (&p)[kElems]) {
 #pragma unroll
       for (int e = 0; e < kElems; ++e) ss += p[e] * p[e];
-    }
+    });
     const float rstd = rsqrtf(block_sum(ss) / static_cast<float>(hidden) + eps);
-#pragma unroll
-    for (int j = 0; j < kPacks; ++j) {
-      if (!Row<T, kPacks>::has(j, packs)) continue;
+    row.for_each_pack(packs, [&](int j, float (&p)[kElems]) {
       const int idx = Row<T, kPacks>::index(j);
-      float p[kElems], g[kElems];
-      unpack_to(row.v[j], p);
+      float g[kElems];
       unpack_to(load_pack<T>(gamma, idx), g);
 #pragma unroll
       for (int e = 0; e < kElems; ++e) p[e] = (p[e] * rstd) * (weight_bias + g[e]);
       row.v[j] = pack_from<T>(p);
       if (out != nullptr) store_pack<T>(out, base + idx, row.v[j]);
-    }
+    });
   }
 };
 

@@ -34,19 +34,24 @@ struct AllReduceArgs {
   FailureSite site;   // also holds rank and world
 };
 
-// What every peer all-reduce kernel starts from: its world size, rank and grid-stride place.
+// What every peer all-reduce kernel starts from: its world size, rank and grid-stride place,
+// and whether to do nothing. A failed communicator does nothing: staging is the one write
+// before the first meeting (which checks the claim itself, overlapped with its own loads), so
+// only a staging call reads the claim here.
 template <int kWorld>
 struct PeerThread {
   int world;
   int rank;
   int64_t first;   // this thread's first pack
   int64_t stride;  // threads in the grid
+  bool failed;
 
   __device__ __forceinline__ explicit PeerThread(const AllReduceArgs& a)
       : world(kWorld > 0 ? kWorld : a.site.world),
         rank(a.site.rank),
         first(int64_t(blockIdx.x) * blockDim.x + threadIdx.x),
-        stride(int64_t(gridDim.x) * blockDim.x) {}
+        stride(int64_t(gridDim.x) * blockDim.x),
+        failed(a.stage_from != nullptr && a.site.failed()) {}
 };
 
 }  // namespace fusedcomm

@@ -133,6 +133,29 @@ __device__ __forceinline__ void load_shared(FusionShared& s, const FusionArgs& a
   __syncthreads();
 }
 
+// The start of every kernel of the family, after `begin_call`: the block's shared state and
+// the sizes every phase uses.
+struct FusionCall {
+  FusionShared* s;
+  int world;  // kWorld, or the run-time world size when kWorld is 0
+  int rank;
+  int packs;           // packs per token row
+  int64_t slot_packs;  // L in packs: token_num * packs
+};
+
+// The prologue: waits for the previous grid (PDL), fills the shared state (load_shared), lets
+// the next grid start unless it waits for our end. The kernel returns at once when s->dead.
+template <int kWorld>
+__device__ __forceinline__ FusionCall begin_call(const FusionArgs& a) {
+  __shared__ alignas(16) unsigned char shared_bytes[sizeof(FusionShared)];
+  FusionShared& s = *reinterpret_cast<FusionShared*>(shared_bytes);
+  pdl_wait();
+  load_shared(s, a);
+  if (!a.trigger_at_end) pdl_trigger();
+  const int world = kWorld > 0 ? kWorld : a.world;
+  return FusionCall{&s, world, a.rank, a.row_packs, a.token_num * a.row_packs};
+}
+
 // The end of a call: when the last block has finished, advance the control block (the next
 // call reads it only after pdl_wait, i.e. after this grid has completed).
 __device__ __forceinline__ void finish_call(const FusionArgs& a, const FusionShared& s,

@@ -27,16 +27,11 @@ namespace fusedcomm {
 template <typename T, int kWorld, int kPattern, int kPacks>
 __global__ void __launch_bounds__(kFusionMaxThreads, 1)
     allreduce_fusion_twoshot(const __grid_constant__ FusionArgs a) {
-  __shared__ alignas(16) unsigned char shared_bytes[sizeof(FusionShared)];
-  FusionShared& s = *reinterpret_cast<FusionShared*>(shared_bytes);
-  pdl_wait();
-  load_shared(s, a);
-  if (!a.trigger_at_end) pdl_trigger();
+  const FusionCall call = begin_call<kWorld>(a);
+  FusionShared& s = *call.s;
   if (s.dead) return;
-  const int world = kWorld > 0 ? kWorld : a.world;
-  const int rank = a.rank;
-  const int packs = a.row_packs;
-  const int64_t slot_packs = a.token_num * packs;  // L in packs
+  const int world = call.world, rank = call.rank, packs = call.packs;
+  const int64_t slot_packs = call.slot_packs;  // L in packs
   const int64_t first_row = blockIdx.x, row_stride = gridDim.x;
   auto part_begin = [&](int k) { return static_cast<int>(int64_t(k) * packs / world); };
   if (blockIdx.x == 0 && threadIdx.x == 0) {

@@ -16,22 +16,19 @@
 namespace fusedcomm {
 
 template <typename T, int kWorld, int kUnroll, typename Epilogue = Identity>
-__global__ void __launch_bounds__(kPeerThreads, 1) allreduce_oneshot(AllReduceArgs a) {
+__global__ void __launch_bounds__(kPeerThreads, 1)
+    allreduce_oneshot(const __grid_constant__ AllReduceArgs a) {
   const FailureSite& site = a.site;
-  // A failed communicator does nothing: staging is the one write before the first meeting (which
-  // checks the claim itself), so only a staging call reads the claim here.
-  if (a.stage_from != nullptr && site.failed()) return;
   const PeerThread<kWorld> t(a);
-  const int world = t.world, rank = t.rank;
-  const int64_t first = t.first, stride = t.stride;
-  const void* own = a.stage_from != nullptr ? a.stage_from : a.inputs->ptrs[rank];
+  if (t.failed) return;
+  const void* own = a.stage_from != nullptr ? a.stage_from : a.inputs->ptrs[t.rank];
   constexpr uint32_t kStart = peer_tag(kPeerOneshot, kPeerStart);
 
   // Staged packs are handed to the peers (release); registered inputs were complete before
   // the launch, so the meeting only has to say "here" (relaxed).
   bool met;
   if (a.stage_from != nullptr) {
-    stage_packs<4>(const_cast<void*>(a.inputs->ptrs[rank]), a.stage_from, first, stride,
+    stage_packs<4>(const_cast<void*>(a.inputs->ptrs[t.rank]), a.stage_from, t.first, t.stride,
                    a.num_packs);
     met = cta_meet<MemOrder::kRelease>(a.self, a.peers, site, kStart, kPeerStart);
   } else {
@@ -39,10 +36,10 @@ __global__ void __launch_bounds__(kPeerThreads, 1) allreduce_oneshot(AllReduceAr
   }
   if (!met) return;
 
-  const PeerSources<kRankSlots<kWorld>> src(*a.inputs, own, rank, world);
+  const PeerSources<kRankSlots<kWorld>> src(*a.inputs, own, t.rank, t.world);
   const Epilogue epilogue{};
   reduce_packs<T, kRankSlots<kWorld>, kUnroll>(
-      src, world, 0, first, stride, a.num_packs,
+      src, t.world, 0, t.first, t.stride, a.num_packs,
       [&](int64_t i, const Pack<T>& sum) { store_pack<T>(a.out, i, epilogue(sum)); });
   cta_meet<MemOrder::kRelaxed>(a.self, a.peers, site, peer_tag(kPeerOneshot, kPeerEnd), kPeerEnd);
 }

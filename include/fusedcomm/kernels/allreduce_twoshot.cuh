@@ -28,27 +28,24 @@
 namespace fusedcomm {
 
 template <typename T, int kWorld, typename Epilogue = Identity>
-__global__ void __launch_bounds__(kPeerThreads, 1) allreduce_twoshot(AllReduceArgs a) {
+__global__ void __launch_bounds__(kPeerThreads, 1)
+    allreduce_twoshot(const __grid_constant__ AllReduceArgs a) {
   const FailureSite& site = a.site;
-  // A failed communicator does nothing: staging is the one write before the first meeting (which
-  // checks the claim itself), so only a staging call reads the claim here.
-  if (a.stage_from != nullptr && site.failed()) return;
   const PeerThread<kWorld> t(a);
-  const int world = t.world, rank = t.rank;
-  const int64_t first = t.first, stride = t.stride;
-  const int64_t part = a.num_packs / world;
-  const int64_t last_size = a.num_packs - part * (world - 1);
-  auto part_size = [&](int k) { return k == world - 1 ? last_size : part; };
+  if (t.failed) return;
+  const int64_t part = a.num_packs / t.world;
+  const int64_t last_size = a.num_packs - part * (t.world - 1);
+  auto part_size = [&](int k) { return k == t.world - 1 ? last_size : part; };
   auto packs_at = [](const void* base, int64_t pack) {
     return static_cast<const uint4*>(base) + pack;
   };
 
   if (a.stage_from != nullptr) {
-    void* shared = const_cast<void*>(a.inputs->ptrs[rank]);
-    for (int k = 0; k < world; ++k) {
-      if (k == rank) continue;
+    void* shared = const_cast<void*>(a.inputs->ptrs[t.rank]);
+    for (int k = 0; k < t.world; ++k) {
+      if (k == t.rank) continue;
       stage_packs<2>(const_cast<uint4*>(packs_at(shared, k * part)),
-                     packs_at(a.stage_from, k * part), first, stride, part_size(k));
+                     packs_at(a.stage_from, k * part), t.first, t.stride, part_size(k));
     }
   }
   if (!cta_meet<MemOrder::kRelease>(a.self, a.peers, site, peer_tag(kPeerTwoshot, kPeerStart),
@@ -56,12 +53,12 @@ __global__ void __launch_bounds__(kPeerThreads, 1) allreduce_twoshot(AllReduceAr
     return;
   }
 
-  const void* own = a.stage_from != nullptr ? a.stage_from : a.inputs->ptrs[rank];
-  const PeerSources<kRankSlots<kWorld>> src(*a.inputs, own, rank, world);
-  const int64_t mine = rank * part;
+  const void* own = a.stage_from != nullptr ? a.stage_from : a.inputs->ptrs[t.rank];
+  const PeerSources<kRankSlots<kWorld>> src(*a.inputs, own, t.rank, t.world);
+  const int64_t mine = t.rank * part;
   void* scratch = scratch_after(a.self);
   const Epilogue epilogue{};
-  reduce_packs<T, kRankSlots<kWorld>, 1>(src, world, mine, first, stride, part_size(rank),
+  reduce_packs<T, kRankSlots<kWorld>, 1>(src, t.world, mine, t.first, t.stride, part_size(t.rank),
                                          [&](int64_t i, const Pack<T>& sum) {
                                            const Pack<T> v = epilogue(sum);
                                            store_pack<T>(scratch, i, v);
@@ -72,10 +69,10 @@ __global__ void __launch_bounds__(kPeerThreads, 1) allreduce_twoshot(AllReduceAr
     return;
   }
 
-  for (int q = 0; q < world; ++q) {
-    if (q == rank) continue;
-    stage_packs<4>(const_cast<uint4*>(packs_at(a.out, q * part)), scratch_after(a.peers[q]), first,
-                   stride, part_size(q));
+  for (int q = 0; q < t.world; ++q) {
+    if (q == t.rank) continue;
+    stage_packs<4>(const_cast<uint4*>(packs_at(a.out, q * part)), scratch_after(a.peers[q]),
+                   t.first, t.stride, part_size(q));
   }
   cta_meet<MemOrder::kRelaxed>(a.self, a.peers, site, peer_tag(kPeerTwoshot, kPeerEnd), kPeerEnd);
 }

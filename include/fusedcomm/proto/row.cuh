@@ -2,8 +2,8 @@
 //
 // Row<T, kPacks>: thread t of a block of B threads holds packs t, t + B, ..., t + (kPacks-1)*B
 // of a row of `packs` 16-byte packs (packs <= kPacks * B); Row::has(j, packs) says whether slot
-// j is inside the row. Every thread of the block must call block_sum / block_max (they
-// synchronise the block) with the same control flow.
+// j is inside the row; row.for_each_pack visits those slots as floats. Every thread of the
+// block must call block_sum / block_max (they synchronise the block) with the same control flow.
 #pragma once
 #include "fusedcomm/common/vec.cuh"
 
@@ -15,6 +15,19 @@ struct Row {
 
   __device__ __forceinline__ static int index(int j) { return j * blockDim.x + threadIdx.x; }
   __device__ __forceinline__ static bool has(int j, int packs) { return index(j) < packs; }
+
+  // Calls f(j, y) for every slot j inside the row, y = v[j] as kElems floats (a copy: to
+  // change the row, f writes v[j] itself).
+  template <typename F>
+  __device__ __forceinline__ void for_each_pack(int packs, F&& f) const {
+#pragma unroll
+    for (int j = 0; j < kPacks; ++j) {
+      if (!has(j, packs)) continue;
+      float y[Pack<T>::kElems];
+      unpack_to(v[j], y);
+      f(j, y);
+    }
+  }
 };
 
 namespace detail {

@@ -296,6 +296,7 @@ def _create_fusion(
     def finish(res: _Resources) -> torch.Tensor:
         ptrs = [p for buf in res.shared for p in buf] + [int(res.control.ptr)]
         table = torch.tensor(ptrs, dtype=torch.int64, device=_table_device())
+        res.control.attach(table)  # calls find the control block without reading the table
         _synchronize()
         return table
 
