@@ -19,26 +19,22 @@ namespace {
 constexpr int64_t kMaxRowBytes = int64_t{kFusionMaxPacks} * kFusionMaxThreads * 16;
 using OptTensor = ffi::Optional<ffi::TensorView>;
 
-bool supported_pattern(int64_t p) {
-  return p == 0 || p == 1 || p == 2 || p == 4 || p == 10 || p == 11;
-}
+bool supported_pattern(int64_t p) { return stages_of(static_cast<int>(p)).pattern == p; }
 }  // namespace
 
 int64_t allreduce_fusion_abi() { return kFusionAbi; }
 
-// The facts Python must not re-type: limits, names, sizes.
 ffi::Map<ffi::String, ffi::Any> allreduce_fusion_describe() {
-  return ffi::Map<ffi::String, ffi::Any>{
-      {"op", ffi::String("allreduce_fusion")},
-      {"op_id", int64_t{kOpAllReduceFusion}},
-      {"phases", ffi::Array<ffi::String>{"lamport pull", "staged", "reduced"}},
-      {"algorithms", ffi::Array<ffi::String>{"auto", "oneshot", "twoshot"}},
-      {"patterns", ffi::Array<int64_t>{0, 1, 2, 4, 10, 11}},
-      {"max_ranks", int64_t{kMaxRanks}},
-      {"max_row_bytes", kMaxRowBytes},
-      {"max_segment_bytes", kFusionMaxSegmentBytes},
-      {"control_bytes", int64_t{sizeof(FusionControl)}},
-  };
+  auto m =
+      describe_family("allreduce_fusion", kOpAllReduceFusion, {"lamport pull", "staged", "reduced"},
+                      {{"max_ranks", kMaxRanks},
+                       {"max_row_bytes", kMaxRowBytes},
+                       {"max_segment_bytes", kFusionMaxSegmentBytes},
+                       {"control_bytes", sizeof(FusionControl)}});
+  ffi::Array<int64_t> patterns;
+  for (const PatternStages& s : kPatternStages) patterns.push_back(s.pattern);
+  m.Set("patterns", patterns);
+  return m;
 }
 
 // [comm, flags, lamport, segment] bytes of one rank's workspace.

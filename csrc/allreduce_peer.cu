@@ -20,20 +20,14 @@ int64_t allreduce_peer_meta_size() { return sizeof(PeerSignal); }
 
 int64_t allreduce_peer_abi() { return kPeerAbi; }
 
-// The facts Python must not re-type: limits, record size, algorithm and phase names.
 ffi::Map<ffi::String, ffi::Any> allreduce_peer_describe() {
-  return ffi::Map<ffi::String, ffi::Any>{
-      {"op", ffi::String("vllm_all_reduce")},
-      {"op_id", int64_t{kOpPeerAllReduce}},
-      {"phases", ffi::Array<ffi::String>{"start", "middle", "end"}},
-      {"algorithms", ffi::Array<ffi::String>{"auto", "oneshot", "twoshot"}},
-      {"max_blocks", int64_t{kMaxBlocks}},
-      {"max_ranks", int64_t{kMaxRanks}},
-      {"threads", int64_t{kPeerThreads}},
-      {"record_bytes", int64_t{sizeof(RankPointers)}},
-      {"meta_bytes", int64_t{sizeof(PeerSignal)}},
-      {"stage_in_kernel_max_bytes", int64_t{kStageInKernelMaxBytes}},
-  };
+  return describe_family("vllm_all_reduce", kOpPeerAllReduce, {"start", "middle", "end"},
+                         {{"max_blocks", kMaxBlocks},
+                          {"max_ranks", kMaxRanks},
+                          {"threads", kPeerThreads},
+                          {"record_bytes", sizeof(RankPointers)},
+                          {"meta_bytes", sizeof(PeerSignal)},
+                          {"stage_in_kernel_max_bytes", kStageInKernelMaxBytes}});
 }
 
 ffi::Array<int64_t> allreduce_peer_plan(int64_t bytes, int64_t world, int64_t num_ctas,

@@ -4,15 +4,18 @@
 #pragma once
 #include <cuda.h>
 #include <cuda_runtime.h>
+#include <tvm/ffi/container/map.h>
 #include <tvm/ffi/container/tensor.h>
 #include <tvm/ffi/error.h>
 #include <tvm/ffi/extra/c_env_api.h>
 #include <tvm/ffi/function.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <mutex>
 #include <string>
 #include <unordered_map>
+#include <utility>
 
 namespace fusedcomm {
 
@@ -122,6 +125,20 @@ inline void allocation_of(const void* ptr, CUdeviceptr* base, size_t* size, cons
   CUresult res = get_range(base, size, reinterpret_cast<CUdeviceptr>(ptr));
   FC_CHECK_VALUE(res == CUDA_SUCCESS, op)
       << "cuMemGetAddressRange failed (" << res << ") for pointer " << ptr;
+}
+
+// A family's describe(): the facts Python must not re-type. Every family names its op (as users
+// call it) and id, its phases and algorithms; `facts` adds its limits and sizes.
+inline ffi::Map<ffi::String, ffi::Any> describe_family(
+    const char* op, int64_t op_id, ffi::Array<ffi::String> phases,
+    std::initializer_list<std::pair<const char*, int64_t>> facts) {
+  ffi::Map<ffi::String, ffi::Any> m{
+      {"op", ffi::String(op)},
+      {"op_id", op_id},
+      {"phases", phases},
+      {"algorithms", ffi::Array<ffi::String>{"auto", "oneshot", "twoshot"}}};
+  for (const auto& fact : facts) m.Set(fact.first, fact.second);
+  return m;
 }
 
 // Live handles of one family by id. Ids count up from 1 and are never reused, so a stale id

@@ -37,37 +37,32 @@ __host__ __device__ constexpr uint32_t fusion_tag(FusionAlgorithm a, FusionPhase
 
 enum class Quant { kNone, kStatic, kDynamic };
 
+// What each pattern runs after the all-reduce: residual add + RMSNorm or not, whether the
+// norm is stored, and which quantiser (if any) consumes it. One row per pattern with kernels.
+struct PatternStages {
+  int pattern;
+  bool norm, norm_out;
+  Quant quant;
+};
+constexpr PatternStages kPatternStages[] = {
+    {0, false, false, Quant::kNone},    {1, true, true, Quant::kNone},
+    {2, true, false, Quant::kStatic},   {4, true, true, Quant::kStatic},
+    {10, true, false, Quant::kDynamic}, {11, true, true, Quant::kDynamic},
+};
+
+constexpr PatternStages stages_of(int pattern) {
+  for (const PatternStages& s : kPatternStages) {
+    if (s.pattern == pattern) return s;
+  }
+  return PatternStages{-1, false, false, Quant::kNone};
+}
+
 template <int kPattern>
-struct PatternTraits;
-template <>
-struct PatternTraits<0> {
-  static constexpr bool kNorm = false, kNormOut = false;
-  static constexpr Quant kQuant = Quant::kNone;
-};
-template <>
-struct PatternTraits<1> {
-  static constexpr bool kNorm = true, kNormOut = true;
-  static constexpr Quant kQuant = Quant::kNone;
-};
-template <>
-struct PatternTraits<2> {
-  static constexpr bool kNorm = true, kNormOut = false;
-  static constexpr Quant kQuant = Quant::kStatic;
-};
-template <>
-struct PatternTraits<4> {
-  static constexpr bool kNorm = true, kNormOut = true;
-  static constexpr Quant kQuant = Quant::kStatic;
-};
-template <>
-struct PatternTraits<10> {
-  static constexpr bool kNorm = true, kNormOut = false;
-  static constexpr Quant kQuant = Quant::kDynamic;
-};
-template <>
-struct PatternTraits<11> {
-  static constexpr bool kNorm = true, kNormOut = true;
-  static constexpr Quant kQuant = Quant::kDynamic;
+struct PatternTraits {
+  static constexpr PatternStages kStages = stages_of(kPattern);
+  static_assert(kStages.pattern == kPattern, "this pattern has no fusion kernels");
+  static constexpr bool kNorm = kStages.norm, kNormOut = kStages.norm_out;
+  static constexpr Quant kQuant = kStages.quant;
 };
 
 struct FusionArgs {
