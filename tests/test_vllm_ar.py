@@ -266,3 +266,29 @@ def _rank_compile_and_opcheck(rank, world):
 @pytest.mark.gpu(2)
 def test_torch_compile_fullgraph_and_opcheck(world_size):
     run_ranks(_rank_compile_and_opcheck, world_size, backend="nccl", timeout_s=300)
+
+
+def _rank_two_streams(rank, world):
+    """Calls on one handle from two streams, with no sync between them, stay ordered."""
+    c = VllmComm(1 << 20)
+    streams = (torch.cuda.Stream(), torch.cuda.Stream())
+    gen = torch.Generator(device="cuda").manual_seed(99 + rank)
+    xs = [
+        torch.randint(-8, 8, (4096 * (1 + i % 3),), device="cuda", generator=gen).to(torch.bfloat16)
+        for i in range(24)
+    ]
+    outs = [torch.full_like(x, float("nan")) for x in xs]
+    torch.cuda.synchronize()
+    for i, (x, out) in enumerate(zip(xs, outs)):
+        with torch.cuda.stream(streams[i % 2]):
+            c.all_reduce(x, out)
+    torch.cuda.synchronize()
+    wrong = [i for i, (x, out) in enumerate(zip(xs, outs)) if not torch.equal(out, _nccl_sum(x))]
+    assert not wrong, f"calls {wrong} differ from NCCL"
+    comm.check_errors()
+    c.close()
+
+
+@pytest.mark.gpu(2)
+def test_calls_from_two_streams_are_ordered(world_size):
+    run_ranks(_rank_two_streams, world_size, backend="nccl", timeout_s=180)

@@ -133,6 +133,11 @@ BAD_INPUTS = {
         lambda x, buf, reg: (x.cpu(), torch.empty_like(x), reg, 4096, 1),
     ),
     "out_is_inp": (ValueError, "must not overlap inp", lambda x, buf, reg: (x, x, 0, 0, 1)),
+    "partial_overlap": (
+        ValueError,
+        "overlap partially",
+        lambda x, buf, reg: (x[:64], x[8:72], reg, 4096, 1),
+    ),
     "out_in_reg_buffer": (
         ValueError,
         "must not overlap reg_buffer",
@@ -146,8 +151,8 @@ BAD_INPUTS = {
 def test_all_reduce_rejects_bad_inputs(handle, case):
     fa, buf, _ = handle
     exc, match, make_args = BAD_INPUTS[case]
-    x = torch.randn(64, device="cuda", dtype=torch.bfloat16)
-    args = make_args(x, buf, buf.data_ptr())
+    x = torch.randn(128, device="cuda", dtype=torch.bfloat16)[:64]
+    args = make_args(x._base if case == "partial_overlap" else x, buf, buf.data_ptr())
     with pytest.raises(exc, match=match):
         comm.vllm_all_reduce(fa, *args)
     torch.cuda.synchronize()
@@ -162,3 +167,43 @@ def test_rank_data_overflow_is_reported(handle):
         comm.vllm_register_buffer(fa, [buf.data_ptr() + 1024] * 2)
     with pytest.raises(ValueError, match="one per rank"):
         comm.vllm_register_buffer(fa, [buf.data_ptr()])
+
+
+@pytest.mark.gpu(1)
+def test_two_shot_refused_when_the_meta_buffer_cannot_hold_its_scratch():
+    meta = torch.zeros(comm.vllm_meta_size() + 4096, dtype=torch.uint8, device="cuda")
+    buf = torch.zeros(4096, dtype=torch.uint8, device="cuda")
+    rank_data = torch.empty(64 * 4, dtype=torch.uint8, device="cuda")
+    ptr = meta.data_ptr()
+    fa = comm.vllm_init_custom_ar(
+        [ptr, ptr], rank_data, 0, True, meta_bytes=comm.vllm_meta_size() + 256
+    )
+    try:
+        comm.vllm_register_buffer(fa, [buf.data_ptr(), buf.data_ptr()])
+        x = torch.randn(2048, device="cuda", dtype=torch.bfloat16)  # 4 KiB: 2 KiB per part
+        with pytest.raises(ValueError, match="two-shot needs 2048 bytes of scratch"):
+            comm.vllm_all_reduce(
+                fa, x, torch.empty_like(x), buf.data_ptr(), 4096, 1, algorithm="twoshot"
+            )
+    finally:
+        comm.vllm_dispose(fa)
+
+
+def test_planner_is_a_pure_function_of_the_call():
+    from fusedcomm.ops.vllm_ar import _control
+
+    plan = _control().allreduce_peer_plan
+    oneshot, twoshot = 1, 2
+    # two ranks: one-shot at every size; more ranks: two-shot when large, if scratch fits
+    assert plan(8 << 20, 2, 36, 0, False, 1 << 30)[0] == oneshot
+    assert plan(8 << 20, 4, 36, 0, False, 1 << 30)[0] == twoshot
+    assert plan(8 << 20, 4, 36, 0, False, 1 << 20)[0] == oneshot  # scratch too small
+    assert plan(8 << 10, 8, 36, 0, False, 1 << 30)[0] == oneshot
+    # explicit two-shot reports the scratch it needs (the last part takes the remainder)
+    assert list(plan(4096, 2, 36, twoshot, False, 0)) == [twoshot, 0, 1, 2048]
+    assert plan(4096 + 16, 4, 36, twoshot, False, 0)[3] == (4096 + 16) // 16 // 4 * 16 + 16
+    # staging: in the kernel up to 4 MiB, a copy above; grid: one block per 512 packs, capped
+    assert list(plan(4 << 20, 2, 36, 0, True, 0))[1:3] == [1, 36]
+    assert plan((4 << 20) + 16, 2, 36, 0, True, 0)[1] == 2
+    assert list(plan(8192, 2, 36, 0, False, 0))[1:3] == [0, 1]
+    assert list(plan(8192, 2, 36, 0, False, 0)) == list(plan(8192, 2, 36, 0, False, 0))
