@@ -15,10 +15,8 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
 
 from fusedcomm.bench.timing import capture, time_graph, time_loop  # noqa: E402
-from fusedcomm.jit import (
-    allreduce_peer,  # noqa: E402
-    load,  # noqa: E402
-)
+from fusedcomm.jit import allreduce_peer, load  # noqa: E402
+from fusedcomm.jit.configs import world_key  # noqa: E402
 from fusedcomm.ops import vllm_ar  # noqa: E402
 from fusedcomm.runtime.vllm_comm import VllmComm  # noqa: E402
 from fusedcomm.testing.dist import run_ranks  # noqa: E402
@@ -29,7 +27,7 @@ SIZES = [8 << 10, 512 << 10, 2 << 20, 8 << 20, 32 << 20]
 
 def _use_variant(fa, world, unroll):
     """Point the handle's bf16 launcher at the kernels built with ``unroll``."""
-    spec = allreduce_peer.kernel_spec("bf16", allreduce_peer.world_key(world), unroll)
+    spec = allreduce_peer.kernel_spec("bf16", world_key(world), unroll)
     vllm_ar._handles[fa].launchers[torch.bfloat16] = int(load(spec).allreduce_peer_launcher())
 
 

@@ -10,37 +10,11 @@ from __future__ import annotations
 
 import functools
 
-import torch
-
+from .configs import DTYPES, WORLDS, check_key
 from .spec import JitSpec, Unit
 
-# dtype key -> (C++ type, torch dtype)
-DTYPES = {
-    "f32": ("float", torch.float32),
-    "f16": ("__half", torch.float16),
-    "bf16": ("__nv_bfloat16", torch.bfloat16),
-}
-# Specialised world sizes; 0 = any world size up to 8, read at run time.
-WORLDS = (2, 4, 8, 0)
 # What engines use: built ahead of time by default.
 DEFAULT_CONFIGS = tuple(("bf16", w) for w in (2, 4, 8))
-
-_TORCH_TO_KEY = {t: k for k, (_, t) in DTYPES.items()}
-
-
-def dtype_key(dtype: torch.dtype) -> str:
-    """'bf16' for torch.bfloat16, and so on; TypeError for dtypes without kernels."""
-    try:
-        return _TORCH_TO_KEY[dtype]
-    except KeyError:
-        raise TypeError(
-            f"allreduce_fusion: dtype {dtype} is not supported (float32, float16, bfloat16)"
-        ) from None
-
-
-def world_key(world: int) -> int:
-    """The specialisation a world size runs on: itself for 2, 4, 8, else 0 (generic)."""
-    return world if world in (2, 4, 8) else 0
 
 
 @functools.cache
@@ -51,10 +25,7 @@ def control_spec() -> JitSpec:
 @functools.cache
 def kernel_spec(dtype: str, world: int) -> JitSpec:
     """The kernels of one configuration: ``dtype`` a key of DTYPES, ``world`` one of WORLDS."""
-    if dtype not in DTYPES:
-        raise ValueError(f"allreduce_fusion: dtype key {dtype!r} must be one of {sorted(DTYPES)}")
-    if world not in WORLDS:
-        raise ValueError(f"allreduce_fusion: world key {world} must be one of {WORLDS}")
+    check_key("allreduce_fusion", dtype, world)
     return JitSpec(
         name=f"allreduce_fusion_{dtype}_w{world if world else 'any'}",
         units=(

@@ -10,40 +10,14 @@ from __future__ import annotations
 
 import functools
 
-import torch
-
+from .configs import DTYPES, WORLDS, check_key
 from .spec import JitSpec, Unit
 
-# dtype key -> (C++ type, torch dtype)
-DTYPES = {
-    "f32": ("float", torch.float32),
-    "f16": ("__half", torch.float16),
-    "bf16": ("__nv_bfloat16", torch.bfloat16),
-}
-# Specialised world sizes; 0 = any world size, read at run time.
-WORLDS = (2, 4, 8, 0)
 # One-shot packs in flight per rank and thread: enough loads to cover NVLink latency without
 # spilling registers (more ranks, more loads per pack).
 ONESHOT_UNROLL = {2: 4, 4: 2, 8: 1, 0: 1}
 # What engines use: built ahead of time by default.
 DEFAULT_CONFIGS = tuple((d, w) for d in ("bf16", "f16") for w in (2, 4, 8))
-
-_TORCH_TO_KEY = {t: k for k, (_, t) in DTYPES.items()}
-
-
-def dtype_key(dtype: torch.dtype) -> str:
-    """'bf16' for torch.bfloat16, and so on; TypeError for dtypes without kernels."""
-    try:
-        return _TORCH_TO_KEY[dtype]
-    except KeyError:
-        raise TypeError(
-            f"vllm_all_reduce: dtype {dtype} is not supported (float32, float16, bfloat16)"
-        ) from None
-
-
-def world_key(world: int) -> int:
-    """The specialisation a world size runs on: itself for 2, 4, 8, else 0 (generic)."""
-    return world if world in (2, 4, 8) else 0
 
 
 @functools.cache
@@ -62,10 +36,7 @@ def kernel_spec(dtype: str, world: int, unroll: int | None = None) -> JitSpec:
     ``unroll`` (default ONESHOT_UNROLL[world]) is a tuning field: other values give modules of
     their own name (scripts/tune_allreduce.py times them side by side).
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"allreduce_peer: dtype key {dtype!r} must be one of {sorted(DTYPES)}")
-    if world not in WORLDS:
-        raise ValueError(f"allreduce_peer: world key {world} must be one of {WORLDS}")
+    check_key("allreduce_peer", dtype, world)
     default = unroll is None or unroll == ONESHOT_UNROLL[world]
     unroll = ONESHOT_UNROLL[world] if unroll is None else unroll
     if unroll not in (1, 2, 4, 8):

@@ -27,6 +27,7 @@ import torch
 from .. import envs
 from ..jit import allreduce_fusion as specs
 from ..jit import load
+from ..jit.configs import dtype_key, world_key
 from ..runtime.failures import FailureState, FamilyNames
 
 
@@ -85,7 +86,7 @@ def _launcher(dtype: torch.dtype, world: int) -> int:
     key = (dtype, world)
     address = _launchers.get(key)
     if address is None:
-        module = load(specs.kernel_spec(specs.dtype_key(dtype), specs.world_key(world)))
+        module = load(specs.kernel_spec(dtype_key(dtype, "allreduce_fusion"), world_key(world)))
         if int(module.allreduce_fusion_abi()) != int(_control().allreduce_fusion_abi()):
             raise RuntimeError(
                 "allreduce_fusion: the kernel and control modules were built from "

@@ -24,6 +24,7 @@ from ..enums import (
 from ..runtime.fusion_workspace import (
     AllReduceFusionWorkspace,
     TRTLLMAllReduceFusionWorkspace,
+    check_group_shape,
     metadata_problems,
 )
 from . import _fusion_launch
@@ -62,6 +63,20 @@ _NEEDS = {
     _P.kARResidualRMSNormDynamicFP8Quant: _NORM + ("quant_out", "scale_out"),
     _P.kARResidualRMSNormOutDynamicFP8Quant: _NORM + ("norm_out", "quant_out", "scale_out"),
 }
+# The optional tensors of the op, in schema order (rms_gamma closes the run), and which of
+# them each pattern passes on to the kernel (only what it reads or writes).
+_TENSOR_ARGS = (
+    "allreduce_out",
+    "residual_in",
+    "residual_out",
+    "norm_out",
+    "quant_out",
+    "scale_out",
+    "rms_gamma",
+)
+_SLOT = {name: i for i, name in enumerate(_TENSOR_ARGS)}
+_KEEP = {p: tuple(k in needs for k in _TENSOR_ARGS) for p, needs in _NEEDS.items()}
+_CALL_NAMES = ("world_size", "world_rank", "token_num")  # as check_group_shape reports them
 _LATER = {
     _NVFP4: "NVFP4 quantisation",
     _GROUP_FP8: "per-token-group FP8 quantisation",
@@ -97,8 +112,10 @@ def _pattern_arg(op: str, pattern: Any) -> int:
 
 
 def _int(op: str, name: str, value: Any, minimum: int) -> int:
-    # torch.SymInt: a size that torch.compile traces symbolically
-    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
+    # torch.SymInt: a size that torch.compile traces symbolically (plain ints skip the scan)
+    if type(value) is not int and (
+        isinstance(value, bool) or not isinstance(value, (int, torch.SymInt))
+    ):
         raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__} ({value!r})")
     if value < minimum:
         raise ValueError(f"{op}: {name} ({value}) must be >= {minimum}")
@@ -112,14 +129,28 @@ def _flag(op: str, name: str, value: Any) -> bool:
 
 
 def _real(op: str, name: str, value: Any) -> float:
+    if type(value) is float:
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{op}: {name} must be a float, got {type(value).__name__} ({value!r})")
     return float(value)
 
 
-def _tensor(op: str, name: str, t: Any, device: torch.device) -> torch.Tensor:
+def _is_tensor(op: str, name: str, t: Any) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
+
+
+def _elem(op: str, dtype: torch.dtype) -> int:
+    """Bytes per element of an input dtype (TypeError for any other dtype)."""
+    elem = _ELEM.get(dtype)
+    if elem is None:
+        raise TypeError(f"{op}: dtype ({dtype}) must be float16, bfloat16 or float32")
+    return elem
+
+
+def _tensor(op: str, name: str, t: Any, device: torch.device) -> torch.Tensor:
+    _is_tensor(op, name, t)
     if t.device != device:
         raise ValueError(f"{op}: {name} is on {t.device}, the input on {device}")
     if not t.is_contiguous():
@@ -136,6 +167,18 @@ def _rows(op: str, name: str, t: Any, x: torch.Tensor, numel: int) -> torch.Tens
             f"{op}: {name} has {t.numel()} elements, expected token_num * hidden_dim = {numel}"
         )
     return t
+
+
+def _holds(
+    op: str, name: str, t: Any, x: torch.Tensor, dtype: torch.dtype, count: int, what: str
+) -> None:
+    """``t``: a tensor on the input's device of ``count`` elements of ``dtype``; ``what``
+    describes that (``{}`` stands for ``count``)."""
+    _tensor(op, name, t, x.device)
+    if t.dtype != dtype or t.numel() != count:
+        raise ValueError(
+            f"{op}: {name} must hold {what.format(count)}, got {t.numel()} of {t.dtype}"
+        )
 
 
 def _scale_factor_tensor(op: str, s: Any, device: torch.device) -> torch.Tensor:
@@ -157,28 +200,19 @@ def _scale_factor_tensor(op: str, s: Any, device: torch.device) -> torch.Tensor:
 def _check_fusion(
     op: str,
     pattern: int,
-    x: Any,
-    world_size: Any,
-    rank: Any,
-    token_num: Any,
-    hidden_dim: Any,
-    workspace_ptrs: Any,
-    t: dict[str, Any],
+    x: torch.Tensor,
+    where: tuple,
+    tensors: tuple,
+    scale_factor: Any,
     block_quant_group_size: Any,
     layout_code: Any,
 ) -> int:
-    """Every argument check of one fused call; returns the layout code to use."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{op}: allreduce_in must be a Tensor, got {type(x).__name__}")
-    elem = _ELEM.get(x.dtype)
-    if elem is None:
-        raise TypeError(f"{op}: dtype ({x.dtype}) must be float16, bfloat16 or float32")
-    _int(op, "world_size", world_size, 1)
-    _int(op, "world_rank", rank, 0)
-    if rank >= world_size:
-        raise ValueError(f"{op}: world_rank ({rank}) must be < world_size ({world_size})")
-    _int(op, "token_num", token_num, 0)
-    _int(op, "hidden_dim", hidden_dim, 1)
+    """Every argument check of one fused call after the input's type and dtype (which the
+    entry points check); returns the layout code to use. ``where`` and ``tensors`` as in
+    :func:`_fused_call`."""
+    workspace_ptrs, world_size, rank, token_num, hidden_dim = where
+    elem = _ELEM[x.dtype]
+    check_group_shape(op, _CALL_NAMES, world_size, rank, token_num, hidden_dim, 0, _int)
     if hidden_dim * elem % 16:
         raise ValueError(
             f"{op}: hidden_dim ({hidden_dim}) must be a multiple of {16 // elem} for {x.dtype}"
@@ -205,13 +239,18 @@ def _check_fusion(
         if name == "block_quant_group_size":
             if block_quant_group_size is None:
                 raise ValueError(f"{op}: {pattern_name(pattern)} needs block_quant_group_size")
-        elif t.get(name) is None:
+        elif (tensors[_SLOT[name]] if name in _SLOT else scale_factor) is None:
             raise ValueError(f"{op}: {pattern_name(pattern)} writes or reads {name}: pass it")
+    allreduce_out, residual_in, residual_out, norm_out, q, sf, gamma = tensors
     if pattern != _P.kAllReduce:
-        for name in ("residual_in", "residual_out", "norm_out"):
-            if t.get(name) is not None:
-                _rows(op, name, t[name], x, numel)
-        gamma = _tensor(op, "rms_gamma", t["rms_gamma"], x.device)
+        for name, t in (
+            ("residual_in", residual_in),
+            ("residual_out", residual_out),
+            ("norm_out", norm_out),
+        ):
+            if t is not None:
+                _rows(op, name, t, x, numel)
+        gamma = _tensor(op, "rms_gamma", gamma, x.device)
         if gamma.dtype != x.dtype:
             raise TypeError(
                 f"{op}: rms_gamma.dtype ({gamma.dtype}) must be the input's ({x.dtype})"
@@ -220,23 +259,12 @@ def _check_fusion(
             raise ValueError(
                 f"{op}: rms_gamma has {gamma.numel()} elements, expected hidden_dim ({hidden_dim})"
             )
-    elif t.get("allreduce_out") is not None:
-        _rows(op, "allreduce_out", t["allreduce_out"], x, numel)
-    q, sf = t.get("quant_out"), t.get("scale_out")
+    elif allreduce_out is not None:
+        _rows(op, "allreduce_out", allreduce_out, x, numel)
     if pattern in _STATIC_FP8 or pattern in _DYNAMIC_FP8 or pattern in _GROUP_FP8:
-        _tensor(op, "quant_out", q, x.device)
-        if q.dtype != torch.float8_e4m3fn or q.numel() != numel:
-            raise ValueError(
-                f"{op}: quant_out must hold {numel} float8_e4m3fn elements, got "
-                f"{q.numel()} of {q.dtype}"
-            )
+        _holds(op, "quant_out", q, x, torch.float8_e4m3fn, numel, "{} float8_e4m3fn elements")
     if pattern in _DYNAMIC_FP8:
-        _tensor(op, "scale_out", sf, x.device)
-        if sf.dtype != torch.float32 or sf.numel() != token_num:
-            raise ValueError(
-                f"{op}: scale_out must hold token_num ({token_num}) float32 "
-                f"scales, got {sf.numel()} of {sf.dtype}"
-            )
+        _holds(op, "scale_out", sf, x, torch.float32, token_num, "token_num ({}) float32 scales")
     if pattern in _NVFP4:
         if elem != 2:
             raise TypeError(
@@ -276,58 +304,15 @@ def _check_fusion(
 # The registered op and its implementation
 
 
-def _fusion_impl(
-    allreduce_in,
-    workspace_ptrs,
-    world_size,
-    world_rank,
-    pattern,
-    token_num,
-    hidden_dim,
-    launch_with_pdl,
-    trigger_completion_at_end,
-    fp32_acc,
-    use_oneshot,
-    allreduce_out,
-    residual_in,
-    residual_out,
-    norm_out,
-    quant_out,
-    scale_out,
-    rms_gamma,
-    rms_eps,
-    scale_factor,
-    layout_code,
-    weight_bias,
-    block_quant_group_size,
-) -> None:
+def _fusion_impl(*args) -> None:
+    """The op's implementation; ``args`` in schema order. FusionCall lists the arguments after
+    hidden_dim in that same order."""
+    x, workspace_ptrs, world_size, rank, pattern, token_num, hidden_dim, *rest = args
     if token_num == 0:
         return
     _fusion_launch.launch(
         _fusion_launch.FusionCall(
-            pattern=pattern,
-            input=allreduce_in,
-            token_num=token_num,
-            hidden_dim=hidden_dim,
-            world_size=world_size,
-            rank=world_rank,
-            workspace_ptrs=workspace_ptrs,
-            launch_with_pdl=launch_with_pdl,
-            trigger_completion_at_end=trigger_completion_at_end,
-            fp32_acc=fp32_acc,
-            use_oneshot=use_oneshot,
-            allreduce_out=allreduce_out,
-            residual_in=residual_in,
-            residual_out=residual_out,
-            norm_out=norm_out,
-            quant_out=quant_out,
-            scale_out=scale_out,
-            rms_gamma=rms_gamma,
-            rms_eps=rms_eps,
-            scale_factor=scale_factor,
-            layout_code=layout_code,
-            weight_bias=weight_bias,
-            block_quant_group_size=block_quant_group_size,
+            pattern, x, token_num, hidden_dim, world_size, rank, workspace_ptrs, *rest
         )
     )
 
@@ -335,17 +320,6 @@ def _fusion_impl(
 def _fusion_fake(*args) -> None:
     return None
 
-
-# The optional tensors of the op, in schema order (rms_gamma closes the run).
-_TENSOR_ARGS = (
-    "allreduce_out",
-    "residual_in",
-    "residual_out",
-    "norm_out",
-    "quant_out",
-    "scale_out",
-    "rms_gamma",
-)
 
 _fusion_op = register_op(
     "allreduce_fusion(Tensor allreduce_in, Tensor workspace_ptrs, int world_size, "
@@ -361,39 +335,20 @@ _fusion_op = register_op(
 
 
 def _fused_call(
-    op: str,
-    pattern: int,
-    x,
-    world_size,
-    rank,
-    token_num,
-    hidden_dim,
-    workspace_ptrs,
-    launch_with_pdl,
-    trigger_completion_at_end,
-    fp32_acc,
-    use_oneshot,
-    t: dict[str, Any],
-    rms_eps,
-    scale_factor,
-    layout_code,
-    block_quant_group_size,
-    weight_bias,
+    op: str, pattern: int, x: torch.Tensor, where: tuple, flags: tuple, tensors: tuple, scalars
 ) -> None:
-    """Check everything, then launch (patterns 0, 1, 2, 4, 10, 11) or refuse (the others)."""
-    t = dict(t, scale_factor=scale_factor)
+    """Check everything, then launch (patterns 0, 1, 2, 4, 10, 11) or refuse (the others).
+
+    ``x`` is a tensor of a supported dtype (the entry points check both). ``where``:
+    (workspace_ptrs, world_size, rank, token_num, hidden_dim); ``flags``: (launch_with_pdl,
+    trigger_completion_at_end, fp32_acc, use_oneshot); ``tensors``: the optional tensors in
+    ``_TENSOR_ARGS`` order; ``scalars``: (rms_eps, scale_factor, layout_code,
+    block_quant_group_size, weight_bias).
+    """
+    launch_with_pdl, trigger_completion_at_end, fp32_acc, use_oneshot = flags
+    rms_eps, scale_factor, layout_code, block_quant_group_size, weight_bias = scalars
     layout = _check_fusion(
-        op,
-        pattern,
-        x,
-        world_size,
-        rank,
-        token_num,
-        hidden_dim,
-        workspace_ptrs,
-        t,
-        block_quant_group_size,
-        layout_code,
+        op, pattern, x, where, tensors, scale_factor, block_quant_group_size, layout_code
     )
     pdl = _flag(op, "launch_with_pdl", launch_with_pdl)
     trigger = _flag(op, "trigger_completion_at_end", trigger_completion_at_end)
@@ -408,7 +363,7 @@ def _fused_call(
     if pattern not in _RUNNABLE:
         raise _later_issue(op, pattern)
     group = None if block_quant_group_size is None else int(block_quant_group_size)
-    used = _NEEDS[pattern]  # only what the pattern reads or writes reaches the kernel
+    workspace_ptrs, world_size, rank, token_num, hidden_dim = where
     args = (
         x,
         workspace_ptrs,
@@ -421,7 +376,7 @@ def _fused_call(
         trigger,
         acc,
         use_oneshot,
-        *(t[k] if k in used else None for k in _TENSOR_ARGS),
+        *[t if keep else None for t, keep in zip(tensors, _KEEP[pattern])],
         eps,
         sf,
         layout,
@@ -512,35 +467,13 @@ def trtllm_allreduce_fusion(
         )
         if problems:
             raise ValueError(f"{op}: the call does not fit the workspace: " + "; ".join(problems))
-    t = {
-        "allreduce_out": allreduce_out,
-        "residual_in": residual_in,
-        "residual_out": residual_out,
-        "norm_out": norm_out,
-        "quant_out": quant_out,
-        "scale_out": scale_out,
-        "rms_gamma": rms_gamma,
-    }
-    _fused_call(
-        op,
-        pattern,
-        allreduce_in,
-        world_size,
-        world_rank,
-        token_num,
-        hidden_dim,
-        workspace_ptrs,
-        launch_with_pdl,
-        trigger_completion_at_end,
-        fp32_acc,
-        use_oneshot,
-        t,
-        rms_eps,
-        scale_factor,
-        layout_code,
-        block_quant_group_size,
-        weight_bias,
-    )
+    _is_tensor(op, "allreduce_in", allreduce_in)
+    _elem(op, allreduce_in.dtype)
+    where = (workspace_ptrs, world_size, world_rank, token_num, hidden_dim)
+    flags = (launch_with_pdl, trigger_completion_at_end, fp32_acc, use_oneshot)
+    tensors = (allreduce_out, residual_in, residual_out, norm_out, quant_out, scale_out, rms_gamma)
+    scalars = (rms_eps, scale_factor, layout_code, block_quant_group_size, weight_bias)
+    _fused_call(op, pattern, allreduce_in, where, flags, tensors, scalars)
 
 
 _MOE_NEEDS = {
@@ -608,7 +541,9 @@ def allreduce_fusion(
     Patterns 3, 5, 6, 7, 8, 9 raise NotImplementedError after their argument checks.
     """
     op = "allreduce_fusion"
-    if not isinstance(workspace, TRTLLMAllReduceFusionWorkspace):
+    if type(workspace) is not TRTLLMAllReduceFusionWorkspace and not isinstance(
+        workspace, TRTLLMAllReduceFusionWorkspace
+    ):
         raise TypeError(
             f"{op}: workspace must come from create_allreduce_fusion_workspace "
             f"(a TRTLLMAllReduceFusionWorkspace), got {type(workspace).__name__}"
@@ -630,14 +565,12 @@ def allreduce_fusion(
             if given[name] is None:
                 raise ValueError(f"{op}: {pattern_name(pattern)} needs {name}")
         raise _later_issue(op, pattern)
-    if not isinstance(input, torch.Tensor):
-        raise TypeError(f"{op}: input must be a Tensor, got {type(input).__name__}")
+    _is_tensor(op, "input", input)
     if input.dim() != 2:
         raise ValueError(
             f"{op}: input must be 2-D [token_num, hidden_dim], got shape {tuple(input.shape)}"
         )
-    if input.dtype not in _ELEM:
-        raise TypeError(f"{op}: dtype ({input.dtype}) must be float16, bfloat16 or float32")
+    _elem(op, input.dtype)
     n, d = input.shape
     problems = workspace.check_call(workspace.world_size, n, d, input.dtype)
     if problems:
@@ -667,35 +600,11 @@ def allreduce_fusion(
             )
     if pattern == _P.kAllReduce and output is None:
         output = torch.empty_like(input)
-    t = {
-        "allreduce_out": output,
-        "residual_in": residual_in,
-        "residual_out": residual_out,
-        "norm_out": norm_out,
-        "quant_out": quant_out,
-        "scale_out": scale_out,
-        "rms_gamma": rms_gamma,
-    }
-    _fused_call(
-        op,
-        pattern,
-        input,
-        workspace.world_size,
-        workspace.rank,
-        n,
-        d,
-        workspace.workspace_tensor,
-        launch_with_pdl,
-        trigger_completion_at_end,
-        fp32_acc,
-        use_oneshot,
-        t,
-        rms_eps,
-        scale_factor,
-        layout_code,
-        block_quant_group_size,
-        weight_bias,
-    )
+    where = (workspace.workspace_tensor, workspace.world_size, workspace.rank, n, d)
+    flags = (launch_with_pdl, trigger_completion_at_end, fp32_acc, use_oneshot)
+    tensors = (output, residual_in, residual_out, norm_out, quant_out, scale_out, rms_gamma)
+    scalars = (rms_eps, scale_factor, layout_code, block_quant_group_size, weight_bias)
+    _fused_call(op, pattern, input, where, flags, tensors, scalars)
     if norm_out is not None:
         return norm_out
     if quant_out is not None:

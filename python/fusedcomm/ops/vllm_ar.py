@@ -29,6 +29,7 @@ import torch
 from .. import envs
 from ..jit import allreduce_peer as specs
 from ..jit import load
+from ..jit.configs import dtype_key, world_key
 from ..runtime.failures import FailureState, FamilyNames
 from ._register import register_op, tracing
 
@@ -72,7 +73,7 @@ def _algorithm_code(algorithm) -> int:
 
 def _launcher(h: _Handle, dtype: torch.dtype) -> int:
     """The launcher of the kernel module for (dtype, world), loaded (built) on first use."""
-    module = load(specs.kernel_spec(specs.dtype_key(dtype), specs.world_key(h.world)))
+    module = load(specs.kernel_spec(dtype_key(dtype, "vllm_all_reduce"), world_key(h.world)))
     if int(module.allreduce_peer_abi()) != int(_control().allreduce_peer_abi()):
         raise RuntimeError(
             "vllm_all_reduce: the kernel and control modules were built from "

@@ -66,6 +66,22 @@ def _int_arg(op: str, name: str, value: Any, minimum: int) -> int:
     return value
 
 
+def check_group_shape(
+    op: str, names: tuple[str, str, str], size, rank, rows, hidden_dim, min_rows=1, int_arg=None
+) -> None:
+    """The group (``size`` >= 1, 0 <= ``rank`` < ``size``) and the shape (``rows`` >=
+    ``min_rows``, ``hidden_dim`` >= 1) of a call or a workspace. ``names``: how the caller
+    spells size, rank and rows; ``int_arg``: the int check to use (default ``_int_arg``)."""
+    int_arg = int_arg or _int_arg
+    size_name, rank_name, rows_name = names
+    int_arg(op, size_name, size, 1)
+    int_arg(op, rank_name, rank, 0)
+    if rank >= size:
+        raise ValueError(f"{op}: {rank_name} ({rank}) must be < {size_name} ({size})")
+    int_arg(op, rows_name, rows, min_rows)
+    int_arg(op, "hidden_dim", hidden_dim, 1)
+
+
 def _dtype_arg(op: str, dtype: Any) -> torch.dtype:
     if not isinstance(dtype, torch.dtype):
         raise TypeError(
@@ -258,12 +274,9 @@ def _create_fusion(
     use_symm_dev_mem: bool,
     timeout_s: Any,
 ):
-    _int_arg(op, "tp_size", tp_size, 1)
-    _int_arg(op, "tp_rank", tp_rank, 0)
-    if tp_rank >= tp_size:
-        raise ValueError(f"{op}: tp_rank ({tp_rank}) must be < tp_size ({tp_size})")
-    _int_arg(op, "max_token_num", max_token_num, 1)
-    _int_arg(op, "hidden_dim", hidden_dim, 1)
+    check_group_shape(
+        op, ("tp_size", "tp_rank", "max_token_num"), tp_size, tp_rank, max_token_num, hidden_dim
+    )
     for name, flag in (
         ("use_fp32_lamport", use_fp32_lamport),
         ("create_metadata", create_metadata),
@@ -393,12 +406,9 @@ def trtllm_create_ipc_workspace_for_all_reduce(
         DeprecationWarning,
         stacklevel=2,
     )
-    _int_arg(op, "tp_size", tp_size, 1)
-    _int_arg(op, "rank", rank, 0)
-    if rank >= tp_size:
-        raise ValueError(f"{op}: rank ({rank}) must be < tp_size ({tp_size})")
-    _int_arg(op, "max_token_num", max_token_num, 1)
-    _int_arg(op, "hidden_dim", hidden_dim, 1)
+    check_group_shape(
+        op, ("tp_size", "rank", "max_token_num"), tp_size, rank, max_token_num, hidden_dim
+    )
     backend = _group_backend(op, comm_backend, group, rank, tp_size)
     comm = _round16(tp_size * max_token_num * hidden_dim * 4)
     flags = _round16((MAX_ALL_REDUCE_BLOCKS + 1) * 4 * tp_size * 2)
@@ -449,7 +459,8 @@ class AllReduceFusionWorkspace(abc.ABC):
     """A workspace of one backend of allreduce_fusion; its type selects the kernels.
 
     ``world_size`` and ``rank`` are the group's. ``destroy()`` is collective and idempotent;
-    a workspace dropped without it warns with ``ResourceWarning`` and releases itself.
+    a workspace dropped without it warns with ``ResourceWarning`` and releases itself. A
+    backend implements ``backend``, ``is_buffer_size_sufficient`` and ``_release``.
     """
 
     def __init__(self, world_size: int, rank: int):
@@ -472,6 +483,13 @@ class AllReduceFusionWorkspace(abc.ABC):
         use_oneshot: bool | None = None,
     ) -> bool:
         """Whether a call of this shape fits (False, with a log line, when it does not)."""
+
+    @staticmethod
+    def _fits(problems: list[str]) -> bool:
+        """is_buffer_size_sufficient's answer for the problems a backend found."""
+        if problems:
+            _log.warning("fusion workspace too small or mismatched: %s", "; ".join(problems))
+        return not problems
 
     @abc.abstractmethod
     def _release(self) -> None:
@@ -554,15 +572,19 @@ class TRTLLMAllReduceFusionWorkspace(AllReduceFusionWorkspace):
     def backend(self) -> str:
         return "trtllm"
 
-    def check_call(
+    def is_buffer_size_sufficient(
         self,
         tp_size: int,
         num_tokens: int,
         hidden_dim: int,
         dtype: torch.dtype,
         use_oneshot: bool | None = None,
-    ) -> list[str]:
-        """Every reason a call of this shape does not fit (empty when it fits)."""
+    ) -> bool:
+        return self._fits(self.check_call(tp_size, num_tokens, hidden_dim, dtype, use_oneshot))
+
+    def check_call(self, tp_size, num_tokens, hidden_dim, dtype, use_oneshot=None) -> list[str]:
+        """Every reason a call of this shape does not fit (empty when it fits; the sizes as in
+        ``is_buffer_size_sufficient``)."""
         m = self.metadata
         problems = metadata_problems(m, tp_size, num_tokens, hidden_dim, dtype)
         if use_oneshot and not problems:
@@ -573,19 +595,6 @@ class TRTLLMAllReduceFusionWorkspace(AllReduceFusionWorkspace):
                     f"workspace has {m['lamport_comm_size']}"
                 )
         return problems
-
-    def is_buffer_size_sufficient(
-        self,
-        tp_size: int,
-        num_tokens: int,
-        hidden_dim: int,
-        dtype: torch.dtype,
-        use_oneshot: bool | None = None,
-    ) -> bool:
-        problems = self.check_call(tp_size, num_tokens, hidden_dim, dtype, use_oneshot)
-        if problems:
-            _log.warning("fusion workspace too small or mismatched: %s", "; ".join(problems))
-        return not problems
 
     def _release(self) -> None:
         _destroy("TRTLLMAllReduceFusionWorkspace.destroy", self.ipc_handles)
