@@ -97,8 +97,9 @@ void allreduce_fusion_control_destroy(int64_t device, int64_t ptr) {
 
 namespace {
 // The data pointer of an optional [token_num, hidden]-shaped (numel-checked) tensor.
+// `align`: 0 = what the kernels' 16-byte packs need; scalars per row (scales) pass 4.
 void* rows_of(const OptTensor& t, const char* name, int64_t numel, int64_t elem_bytes, int device,
-              bool required, const char* op) {
+              bool required, const char* op, int64_t align = 0) {
   if (!t.has_value()) {
     FC_CHECK_VALUE(!required, op) << name << " is required by this pattern";
     return nullptr;
@@ -112,7 +113,7 @@ void* rows_of(const OptTensor& t, const char* name, int64_t numel, int64_t elem_
   FC_CHECK_TYPE((v.dtype().bits * v.dtype().lanes) / 8 == elem_bytes, op)
       << name << " has " << v.dtype().bits << "-bit elements, expected " << 8 * elem_bytes;
   void* p = data_of(v);
-  const int64_t align = elem_bytes == 1 ? 16 / 2 : 16;  // e4m3: 8 bytes per pack of 16-bit T
+  if (align == 0) align = elem_bytes == 1 ? 16 / 2 : 16;  // e4m3: 8 bytes per pack of 16-bit T
   FC_CHECK_VALUE(reinterpret_cast<uintptr_t>(p) % align == 0, op)
       << name << " must be " << align << "-byte aligned";
   return p;
@@ -163,10 +164,10 @@ void allreduce_fusion_launch(ffi::TensorView input, ffi::TensorView table, int64
   a.norm_out = rows_of(norm_out, "norm_out", numel, elem, device, norm_out_needed, op);
   a.quant_out = rows_of(quant_out, "quant_out", numel, 1, device, quant, op);
   a.scale_out =
-      static_cast<float*>(rows_of(scale_out, "scale_out", token_num, 4, device, dynamic, op));
+      static_cast<float*>(rows_of(scale_out, "scale_out", token_num, 4, device, dynamic, op, 4));
   a.gamma = rows_of(rms_gamma, "rms_gamma", hidden, elem, device, norm, op);
   a.scale_factor = static_cast<const float*>(
-      rows_of(scale_factor, "scale_factor", 1, 4, device, pattern == 2 || pattern == 4, op));
+      rows_of(scale_factor, "scale_factor", 1, 4, device, pattern == 2 || pattern == 4, op, 4));
   // 2. device and stream
   DeviceScope scope(device, op);
   cudaStream_t stream = stream_for(device);

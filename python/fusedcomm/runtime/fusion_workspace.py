@@ -302,7 +302,9 @@ def _create_fusion(
     def fill(res: _Resources) -> None:
         flags, lamport = res.shared[1][tp_rank], res.shared[2][tp_rank]
         _zero(flags, sizes[1])
-        trtllm_lamport_initialize(lamport, sizes[2] // _ELEM_BYTES[dtype], dtype)
+        # fp32 sentinel words whatever the dtype: every reader (16- or 32-bit) takes them for
+        # empty, so a call of another dtype can never mistake the fill for data
+        trtllm_lamport_initialize(lamport, sizes[2] // 4, torch.float32)
         _synchronize()
         res.control = _fusion_launch.new_control_block(_current_device(), plan["segment"], timeout)
 
