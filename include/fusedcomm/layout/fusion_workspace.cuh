@@ -74,7 +74,7 @@ struct FusionLayout {
   }
   __host__ __device__ constexpr int64_t lamport_bytes() const { return 3 * segment_bytes(); }
 
-  // Where pack `index` of segment k lives in a rank's Lamport region.
+  // Where segment k starts in a rank's Lamport region.
   __host__ __device__ static char* segment_at(void* lamport, int64_t segment_bytes, int k) {
     return static_cast<char*>(lamport) + k * segment_bytes;
   }

@@ -54,7 +54,7 @@ __device__ __forceinline__ float block_reduce(float v) {
   __syncthreads();
   if (warp == 0) {
     const int warps = blockDim.x >> 5;
-    float w = lane < warps ? partial[lane] : (kMax ? 0.0f : 0.0f);
+    float w = lane < warps ? partial[lane] : 0.0f;  // 0 is neutral for sum and max of |x|
     w = warp_reduce<kMax>(w);
     if (lane == 0) result = w;
   }
