@@ -31,6 +31,7 @@ from .ops.vllm_ar import (
     vllm_register_buffer,
     vllm_register_graph_buffers,
 )
+from .reference.quant import compute_fp4_swizzled_layout_sf_size
 from .runtime.comm_backend import (
     CommBackend,
     MnnvlConfig,
@@ -76,6 +77,7 @@ __all__ = [
     "QuantizationSFLayout",
     "TRTLLMAllReduceFusionWorkspace",
     "allreduce_fusion",
+    "compute_fp4_swizzled_layout_sf_size",
     "create_allreduce_fusion_workspace",
     "fusion_workspace_bytes",
     "trtllm_allreduce_fusion",

@@ -5,6 +5,8 @@ rank's tensor explicitly (no process group needed) and fixes the order of every 
 operation, so a kernel that promises the same order can be compared with ``torch.equal``.
 
 - :func:`all_reduce`: fp32 sum in ascending rank order, one final rounding.
+- :mod:`.fusion`: residual add, RMSNorm and the FP8 quantisers of the fused patterns.
+- :mod:`.quant`: NVFP4, E2M1, the scale-factor layouts, UE8M0 and per-token-group FP8.
 """
 
 from .allreduce import all_reduce
@@ -16,13 +18,51 @@ from .fusion import (
     quantize_fp8_static,
     residual_rms_norm,
 )
+from .quant import (
+    compute_fp4_swizzled_layout_sf_size,
+    dequantize_fp8_per_token_group,
+    dequantize_nvfp4,
+    e2m1_decode,
+    e2m1_encode,
+    pack_e2m1,
+    pack_ue8m0_scales,
+    quantize_fp8_per_token_group,
+    quantize_nvfp4,
+    read_scale_factors,
+    round_scale_up_to_pow2,
+    scale_factor_buffer_size,
+    scale_factor_offsets,
+    ue8m0_decode,
+    ue8m0_encode,
+    unpack_e2m1,
+    unpack_ue8m0_scales,
+    write_scale_factors,
+)
 
 __all__ = [
     "all_reduce",
     "allreduce_fusion_reference",
+    "compute_fp4_swizzled_layout_sf_size",
+    "dequantize_fp8_per_token_group",
+    "dequantize_nvfp4",
+    "e2m1_decode",
+    "e2m1_encode",
     "fp8_e4m3",
     "fusion_all_reduce",
+    "pack_e2m1",
+    "pack_ue8m0_scales",
     "quantize_fp8_dynamic",
+    "quantize_fp8_per_token_group",
     "quantize_fp8_static",
+    "quantize_nvfp4",
+    "read_scale_factors",
     "residual_rms_norm",
+    "round_scale_up_to_pow2",
+    "scale_factor_buffer_size",
+    "scale_factor_offsets",
+    "ue8m0_decode",
+    "ue8m0_encode",
+    "unpack_e2m1",
+    "unpack_ue8m0_scales",
+    "write_scale_factors",
 ]
