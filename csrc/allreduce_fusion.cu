@@ -28,6 +28,8 @@ ffi::Map<ffi::String, ffi::Any> allreduce_fusion_describe() {
   auto m =
       describe_family("allreduce_fusion", kOpAllReduceFusion, {"lamport pull", "staged", "reduced"},
                       {{"max_ranks", kMaxRanks},
+                       {"kernel_parts", kFusionParts},
+                       {"max_quant_groups", kMaxQuantGroups},
                        {"max_row_bytes", kMaxRowBytes},
                        {"max_segment_bytes", kFusionMaxSegmentBytes},
                        {"control_bytes", sizeof(FusionControl)}});
@@ -118,16 +120,36 @@ void* rows_of(const OptTensor& t, const char* name, int64_t numel, int64_t elem_
       << name << " must be " << align << "-byte aligned";
   return p;
 }
+// The data pointer of an optional tensor read as raw bytes (any dtype): `min_bytes` <= its size
+// <= `max_bytes` (-1: no upper bound), `align`-byte aligned.
+void* bytes_of(const OptTensor& t, const char* name, int64_t min_bytes, int64_t max_bytes,
+               int device, int64_t align, const char* op) {
+  FC_CHECK_VALUE(t.has_value(), op) << name << " is required by this pattern";
+  const ffi::TensorView& v = t.value();
+  FC_CHECK_VALUE(v.device().device_type == kDLCUDA && v.device().device_id == device, op)
+      << name << " must be on cuda:" << device;
+  FC_CHECK_VALUE(v.is_contiguous(), op) << name << " must be contiguous";
+  const int64_t bytes = v.numel() * ((v.dtype().bits * v.dtype().lanes) / 8);
+  FC_CHECK_VALUE(bytes >= min_bytes && (max_bytes < 0 || bytes <= max_bytes), op)
+      << name << " holds " << bytes << " bytes, expected "
+      << (max_bytes == min_bytes ? "" : "at least ") << min_bytes;
+  void* p = data_of(v);
+  FC_CHECK_VALUE(reinterpret_cast<uintptr_t>(p) % align == 0, op)
+      << name << " must be " << align << "-byte aligned";
+  return p;
+}
 }  // namespace
 
 void allreduce_fusion_launch(ffi::TensorView input, ffi::TensorView table, int64_t pattern,
                              int64_t token_num, int64_t hidden, int64_t world, int64_t rank,
-                             int64_t control, int64_t segment_bytes, int64_t claim, int64_t record,
-                             double timeout_s, bool pdl, bool trigger_at_end, bool fp32_acc,
-                             int64_t algorithm, OptTensor allreduce_out, OptTensor residual_in,
-                             OptTensor residual_out, OptTensor norm_out, OptTensor quant_out,
-                             OptTensor scale_out, OptTensor rms_gamma, double rms_eps,
-                             OptTensor scale_factor, double weight_bias, int64_t launcher) {
+                             int64_t control, int64_t segment_bytes, int64_t comm_bytes,
+                             int64_t claim, int64_t record, double timeout_s, bool pdl,
+                             bool trigger_at_end, bool fp32_acc, int64_t algorithm,
+                             OptTensor allreduce_out, OptTensor residual_in, OptTensor residual_out,
+                             OptTensor norm_out, OptTensor quant_out, OptTensor scale_out,
+                             OptTensor rms_gamma, double rms_eps, OptTensor scale_factor,
+                             int64_t sf_layout, int64_t group_size, double weight_bias,
+                             int64_t launcher) {
   constexpr const char* op = "allreduce_fusion";
   // 1. validate
   FC_CHECK_VALUE(supported_pattern(pattern), op) << "pattern (" << pattern << ") has no kernel";
@@ -153,21 +175,42 @@ void allreduce_fusion_launch(ffi::TensorView input, ffi::TensorView table, int64
       << "no control block, failure state or kernel launcher given";
   FC_CHECK_VALUE(std::isfinite(timeout_s) && timeout_s > 0, op)
       << "timeout_s (" << timeout_s << ") must be > 0";
-  const bool norm = pattern != 0;
-  const bool norm_out_needed = pattern == 1 || pattern == 4 || pattern == 11;
-  const bool quant = pattern == 2 || pattern == 4 || pattern == 10 || pattern == 11;
-  const bool dynamic = pattern == 10 || pattern == 11;
+  const PatternStages st = stages_of(static_cast<int>(pattern));
+  const bool fp8 =
+      st.quant == Quant::kStatic || st.quant == Quant::kDynamic || st.quant == Quant::kGroupFp8;
   FusionArgs a{};
-  a.allreduce_out = rows_of(allreduce_out, "allreduce_out", numel, elem, device, !norm, op);
-  a.residual_in = rows_of(residual_in, "residual_in", numel, elem, device, norm, op);
-  a.residual_out = rows_of(residual_out, "residual_out", numel, elem, device, norm, op);
-  a.norm_out = rows_of(norm_out, "norm_out", numel, elem, device, norm_out_needed, op);
-  a.quant_out = rows_of(quant_out, "quant_out", numel, 1, device, quant, op);
-  a.scale_out =
-      static_cast<float*>(rows_of(scale_out, "scale_out", token_num, 4, device, dynamic, op, 4));
-  a.gamma = rows_of(rms_gamma, "rms_gamma", hidden, elem, device, norm, op);
+  a.allreduce_out = rows_of(allreduce_out, "allreduce_out", numel, elem, device, !st.norm, op);
+  a.residual_in = rows_of(residual_in, "residual_in", numel, elem, device, st.norm, op);
+  a.residual_out = rows_of(residual_out, "residual_out", numel, elem, device, st.norm, op);
+  a.norm_out = rows_of(norm_out, "norm_out", numel, elem, device, st.norm_out, op);
+  a.gamma = rows_of(rms_gamma, "rms_gamma", hidden, elem, device, st.norm, op);
+  a.quant_out = fp8 ? rows_of(quant_out, "quant_out", numel, 1, device, true, op) : nullptr;
+  const bool global_scale = st.quant == Quant::kStatic || st.quant == Quant::kNvfp4;
   a.scale_factor = static_cast<const float*>(
-      rows_of(scale_factor, "scale_factor", 1, 4, device, pattern == 2 || pattern == 4, op, 4));
+      rows_of(scale_factor, "scale_factor", 1, 4, device, global_scale, op, 4));
+  if (st.quant == Quant::kDynamic) {
+    a.scale_out = rows_of(scale_out, "scale_out", token_num, 4, device, true, op, 4);
+  } else if (st.quant == Quant::kNvfp4) {
+    FC_CHECK_TYPE(elem == 2, op) << "NVFP4 patterns take float16 or bfloat16 input";
+    FC_CHECK_VALUE(hidden % 16 == 0, op)
+        << "hidden_dim (" << hidden << ") must be a multiple of 16";
+    FC_CHECK_VALUE(sf_layout >= kSfSwizzled128x4 && sf_layout <= kSfLinear, op)
+        << "layout_code (" << sf_layout << ") must be 0, 1 or 2";
+    const SfLayout layout{static_cast<int32_t>(sf_layout), static_cast<int32_t>(hidden / 16)};
+    a.sf_layout = static_cast<int32_t>(sf_layout);
+    a.quant_out = bytes_of(quant_out, "quant_out", numel / 2, numel / 2, device, 4, op);
+    a.scale_out = bytes_of(scale_out, "scale_out", layout.bytes(token_num), -1, device, 1, op);
+  } else if (st.quant == Quant::kGroupFp8) {
+    FC_CHECK_VALUE(group_size > 0 && hidden % group_size == 0, op)
+        << "block_quant_group_size (" << group_size << ") must be positive and divide hidden_dim ("
+        << hidden << ")";
+    FC_CHECK_VALUE(hidden / group_size <= kMaxQuantGroups, op)
+        << "hidden_dim / block_quant_group_size (" << hidden / group_size << ") must be at most "
+        << kMaxQuantGroups;
+    a.group_size = static_cast<int32_t>(group_size);
+    const PackedUe8m0 layout{token_num, static_cast<int32_t>(hidden / group_size)};
+    a.scale_out = bytes_of(scale_out, "scale_out", 4 * layout.storage_words(), -1, device, 4, op);
+  }
   // 2. device and stream
   DeviceScope scope(device, op);
   cudaStream_t stream = stream_for(device);
@@ -175,6 +218,10 @@ void allreduce_fusion_launch(ffi::TensorView input, ffi::TensorView table, int64
   const FusionPlan plan =
       plan_fusion(token_num, hidden, static_cast<int>(elem), static_cast<int>(world), segment_bytes,
                   static_cast<FusionAlgorithm>(algorithm));
+  FC_CHECK_VALUE(plan.algorithm != kFusionTwoshot || 2 * numel * elem <= comm_bytes, op)
+      << "the call (" << token_num << " x " << hidden << " of " << 8 * elem
+      << "-bit elements) needs " << 2 * numel * elem << " bytes of two-shot buffer; the workspace "
+      << "has " << comm_bytes << " (create it for at least this many tokens and this dtype)";
   a.table = static_cast<const int64_t*>(data_of(table));
   a.control = reinterpret_cast<FusionControl*>(control);
   a.input = in;

@@ -16,10 +16,25 @@ struct FusionPlan {
   int blocks;
 };
 
-// A kernel module (one dtype x world size, every pattern) exports the address of one of these.
+// A kernel module (one dtype x world size, every pattern) is built from kFusionParts compile
+// units (compiled in parallel) and one launcher unit; part k instantiates the kernels of the
+// patterns in row k (-1: none). The JIT spec (python/fusedcomm/jit/allreduce_fusion.py) lists
+// one unit per part; describe() reports kFusionParts so a test can hold the two together.
+constexpr int kFusionParts = 4;
+constexpr int kFusionPartPatterns[kFusionParts][4] = {
+    {0, 1, -1, -1}, {2, 4, 10, 11}, {3, 5, -1, -1}, {8, 9, -1, -1}};
+
+using FusionKernel = void (*)(FusionArgs);
+
+// Defined by part kPart's unit: the kernel for (pattern, algorithm, packs per thread), or null
+// when the part does not hold it.
+template <int kPart>
+FusionKernel fusion_pick(int pattern, FusionAlgorithm algorithm, int packs);
+
+// A kernel module exports the address of one of these.
 using FusionLauncher = cudaError_t (*)(const FusionArgs&, const FusionPlan&, int pattern, bool pdl,
                                        cudaStream_t);
-constexpr int64_t kFusionAbi = int64_t{20261201} * 4096 + int64_t{sizeof(FusionArgs)};
+constexpr int64_t kFusionAbi = int64_t{20261202} * 4096 + int64_t{sizeof(FusionArgs)};
 
 // Below this many MiB of N*D*2*W*elem, auto picks one-shot for 4 and 8 ranks (FlashInfer's
 // crossover, tuned on B200; not yet measured on H200). Two ranks: one-shot whenever it fits,

@@ -52,7 +52,7 @@ class Device:
         self.live.remove(tuple(ptrs))
         self.freed.append(tuple(ptrs))
 
-    def new_control_block(self, device, segment_bytes, timeout_s):
+    def new_control_block(self, device, segment_bytes, comm_bytes, timeout_s):
         if self.fail_at == "control":
             raise RuntimeError("control block allocation failed")
         c = Control()

@@ -126,12 +126,31 @@ def test_outputs_may_alias_inputs(ws, dev):
     assert len(dev.launches) == 3
 
 
+@pytest.mark.parametrize("pattern", [3, 5, 8, 9])
+def test_block_quant_patterns_reach_the_launch(ws, dev, pattern):
+    t = tensors()
+    kw = args_for(1, t, **(FP4 if pattern in (3, 5) else GROUP))
+    kw["pattern"] = pattern
+    if pattern in (3, 8):
+        kw.pop("norm_out")
+    if pattern in (3, 5):
+        kw["layout_code"] = 1
+    ret = comm.allreduce_fusion(workspace=ws, **kw)
+    call = dev.launches[-1]
+    assert call.pattern == pattern and call.scale_out is kw["scale_out"]
+    if pattern in (3, 5):
+        assert call.layout_code == 1 and call.scale_factor.tolist() == [1.0]
+    else:
+        assert call.block_quant_group_size == 128 and call.scale_factor is None
+    assert ret is kw.get("norm_out", kw["quant_out"])
+
+
 def Z(*shape, dtype=BF16):
     return torch.zeros(*shape, dtype=dtype)
 
 
 F8, I32, F32, U8 = torch.float8_e4m3fn, torch.int32, torch.float32, torch.uint8
-FP4 = {"quant_out": Z(8, D // 2, dtype=U8), "scale_out": Z(64, dtype=U8), "scale_factor": 1.0}
+FP4 = {"quant_out": Z(8, D // 2, dtype=U8), "scale_out": Z(2048, dtype=U8), "scale_factor": 1.0}
 GROUP = {
     "quant_out": Z(8, D, dtype=F8),
     "block_quant_group_size": 128,
@@ -178,11 +197,23 @@ BAD = [
     (99, {}, ValueError, r"pattern \(99\)"),
     (12, {}, ValueError, "CuTe-DSL"),
     (3, {}, ValueError, "quant_out"),
-    (3, FP4, NotImplementedError, "kARResidualRMSNormFP4Quant \\(3\\)"),
-    (5, dict(FP4, norm_out=Z(8, D)), NotImplementedError, "OutFP4Quant \\(5\\)"),
+    (3, dict(FP4, scale_out=Z(64, dtype=U8)), ValueError, "SWIZZLED_128x4 needs 2048"),
+    (
+        5,
+        dict(FP4, norm_out=Z(8, D), layout_code=2, scale_out=Z(127, dtype=U8)),
+        ValueError,
+        "LINEAR needs 128",
+    ),
+    (
+        5,
+        dict(FP4, norm_out=Z(8, D), quant_out=Z(8, D, dtype=U8)),
+        ValueError,
+        "quant_out must hold",
+    ),
     (8, dict(GROUP, block_quant_group_size=None), ValueError, "block_quant_group_size"),
     (8, dict(GROUP, scale_out=Z(2, 8, dtype=I32).t()), ValueError, "strides"),
-    (8, GROUP, NotImplementedError, r"PerTokenGroupFP8PackedQuant \(8\)"),
+    (8, dict(GROUP, scale_out=Z(1, 8, dtype=F32).t()), ValueError, "int32"),
+    (8, dict(GROUP, scale_out=Z(8, 1, dtype=I32)[:7]), ValueError, r"shape \(8, 1\)"),
     (9, dict(GROUP, block_quant_group_size=96, norm_out=Z(8, D)), ValueError, "divide"),
     (6, {}, ValueError, "moe_reduction_device_num_experts"),
     (6, MOE6, NotImplementedError, r"kMoEReductionARResidualRMSNorm \(6\)"),

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from fusedcomm.enums import MAX_COMM_SIZE
+from fusedcomm.jit.allreduce_fusion import KERNEL_PARTS
 from fusedcomm.ops import _fusion_launch as fl
+from fusedcomm.ops import allreduce_fusion as af
 
 BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
 
@@ -133,7 +135,9 @@ def test_planner_rejects_bad_shapes(args, match):
 
 def test_describe_names_patterns_and_phases():
     d = fl._describe()
-    assert tuple(d["patterns"]) == (0, 1, 2, 4, 10, 11)
+    assert tuple(d["patterns"]) == (0, 1, 2, 3, 4, 5, 8, 9, 10, 11)
+    assert d["kernel_parts"] == KERNEL_PARTS  # one compile unit of the spec per part
+    assert d["max_quant_groups"] == af._MAX_QUANT_GROUPS
     assert tuple(d["algorithms"]) == ("auto", "oneshot", "twoshot")
     assert len(d["phases"]) == 3 and d["max_ranks"] == 8 and d["max_row_bytes"] == 131072
 
@@ -147,6 +151,7 @@ def _launch(x, table, **kw):
         rank=0,
         control=1,
         segment=1 << 20,
+        comm=1 << 20,
         claim=1,
         record=1,
         timeout=1.0,
@@ -163,6 +168,8 @@ def _launch(x, table, **kw):
         gamma=None,
         eps=1e-6,
         scale_factor=None,
+        sf_layout=0,
+        group_size=0,
         weight_bias=0.0,
         launcher=1,
     )
@@ -178,12 +185,13 @@ def test_launch_entry_checks_before_anything():
     with pytest.raises(TypeError, match="dtype"):
         _launch(x.to(torch.int32), table)
     with pytest.raises(ValueError, match="pattern"):
-        _launch(x, table, pattern=3)
+        _launch(x, table, pattern=6)
 
 
 def _fake_block(ptr):
     block = fl.ControlBlock.__new__(fl.ControlBlock)
     block.ptr, block.device, block.segment_bytes, block.timeout_s = ptr, 0, 1 << 20, 1.0
+    block.comm_bytes = 1 << 20
     fl._BY_PTR[ptr] = block
     return block
 

@@ -2,18 +2,25 @@
 //
 // JIT key (template arguments; see python/fusedcomm/jit/allreduce_fusion.py): T (fp32, fp16,
 // bf16), kWorld (2, 4, 8, or 0 = any world size up to kMaxRanks, read at run time), kPattern
-// (AllReduceFusionPattern 0, 1, 2, 4, 10, 11) and kPacks (packs per thread of a token row).
+// (an AllReduceFusionPattern with a row in kPatternStages) and kPacks (packs per thread of a
+// token row).
 // Run-time arguments: everything in FusionArgs.
 //
 // A pattern is a compile-time composition of epilogues (epilogue/):
 //   0  store the sum                                  (allreduce_out)
 //   1  ResidualAdd, RmsNorm(norm_out)                 (residual_out, norm_out)
 //   2  ResidualAdd, RmsNorm, QuantFp8Static           (residual_out, quant_out)
+//   3  ResidualAdd, RmsNorm, QuantNvfp4               (residual_out, quant_out, scale_out)
 //   4  ResidualAdd, RmsNorm(norm_out), QuantFp8Static (+ norm_out)
+//   5  ResidualAdd, RmsNorm(norm_out), QuantNvfp4
+//   8  ResidualAdd, RmsNorm, QuantFp8Group            (residual_out, quant_out, scale_out)
+//   9  ResidualAdd, RmsNorm(norm_out), QuantFp8Group
 //   10 ResidualAdd, RmsNorm, QuantFp8Dynamic          (residual_out, quant_out, scale_out)
 //   11 ResidualAdd, RmsNorm(norm_out), QuantFp8Dynamic
 #pragma once
 #include "fusedcomm/epilogue/quant_fp8.cuh"
+#include "fusedcomm/epilogue/quant_group_fp8.cuh"
+#include "fusedcomm/epilogue/quant_nvfp4.cuh"
 #include "fusedcomm/epilogue/residual.cuh"
 #include "fusedcomm/epilogue/rmsnorm.cuh"
 #include "fusedcomm/layout/fusion_workspace.cuh"
@@ -26,7 +33,7 @@ constexpr int kFusionMaxThreads = 1024;
 constexpr int kFusionMaxPacks = 8;  // packs per thread: rows up to 8 * 1024 * 16 = 128 KiB
 constexpr int32_t kOpAllReduceFusion = 2;
 
-// Algorithms (the announced call word's low byte; the meeting tag's high nibble) and phases.
+// Algorithms (the announced call word's low 2 bits; the meeting tag's high nibble) and phases.
 // The names the host prints come from the binding (allreduce_fusion_describe).
 enum FusionAlgorithm : int32_t { kFusionAuto = 0, kFusionOneshot = 1, kFusionTwoshot = 2 };
 enum FusionPhase : int32_t { kFusionPull = 0, kFusionStaged = 1, kFusionReduced = 2 };
@@ -35,7 +42,7 @@ __host__ __device__ constexpr uint32_t fusion_tag(FusionAlgorithm a, FusionPhase
   return (uint32_t(a) << 4) | uint32_t(p);
 }
 
-enum class Quant { kNone, kStatic, kDynamic };
+enum class Quant { kNone, kStatic, kDynamic, kNvfp4, kGroupFp8 };
 
 // What each pattern runs after the all-reduce: residual add + RMSNorm or not, whether the
 // norm is stored, and which quantiser (if any) consumes it. One row per pattern with kernels.
@@ -46,7 +53,9 @@ struct PatternStages {
 };
 constexpr PatternStages kPatternStages[] = {
     {0, false, false, Quant::kNone},    {1, true, true, Quant::kNone},
-    {2, true, false, Quant::kStatic},   {4, true, true, Quant::kStatic},
+    {2, true, false, Quant::kStatic},   {3, true, false, Quant::kNvfp4},
+    {4, true, true, Quant::kStatic},    {5, true, true, Quant::kNvfp4},
+    {8, true, false, Quant::kGroupFp8}, {9, true, true, Quant::kGroupFp8},
     {10, true, false, Quant::kDynamic}, {11, true, true, Quant::kDynamic},
 };
 
@@ -74,13 +83,15 @@ struct FusionArgs {
   void* residual_out;
   void* norm_out;
   void* quant_out;
-  float* scale_out;
+  void* scale_out;  // fp32 per token (10, 11), SfLayout bytes (3, 5), PackedUe8m0 (8, 9)
   const void* gamma;
-  const float* scale_factor;
+  const float* scale_factor;  // [1] fp32: the static FP8 scale (2, 4) or NVFP4 global scale
   int64_t token_num;
   int64_t segment_bytes;
   int32_t row_packs;  // hidden * sizeof(T) / 16
   int32_t hidden;
+  int32_t sf_layout;   // SfLayoutCode (3, 5)
+  int32_t group_size;  // elements per group (8, 9)
   float eps;
   float weight_bias;
   FailureState failure;
@@ -136,6 +147,7 @@ struct FusionCall {
   int rank;
   int packs;           // packs per token row
   int64_t slot_packs;  // L in packs: token_num * packs
+  uint32_t digest;     // fusion_shape_digest of the call (announced with it)
 };
 
 // The prologue: waits for the previous grid (PDL), fills the shared state (load_shared), lets
@@ -148,7 +160,12 @@ __device__ __forceinline__ FusionCall begin_call(const FusionArgs& a) {
   load_shared(s, a);
   if (!a.trigger_at_end) pdl_trigger();
   const int world = kWorld > 0 ? kWorld : a.world;
-  return FusionCall{&s, world, a.rank, a.row_packs, a.token_num * a.row_packs};
+  return FusionCall{&s,
+                    world,
+                    a.rank,
+                    a.row_packs,
+                    a.token_num * a.row_packs,
+                    fusion_shape_digest(a.token_num, int64_t{a.row_packs} * 16)};
 }
 
 // The end of a call: when the last block has finished, advance the control block (the next
@@ -174,7 +191,7 @@ __device__ __forceinline__ void finish_call(const FusionArgs& a, const FusionSha
 // Runs the pattern's epilogue on a reduced row (all threads of the block, same control flow).
 template <int kPattern, typename T, int kPacks>
 __device__ __forceinline__ void run_epilogue(Row<T, kPacks>& row, const FusionArgs& a,
-                                             int64_t token, float static_inv) {
+                                             int64_t token, float quant_scale) {
   using P = PatternTraits<kPattern>;
   const int packs = a.row_packs;
   const int64_t base = token * packs;
@@ -190,18 +207,29 @@ __device__ __forceinline__ void run_epilogue(Row<T, kPacks>& row, const FusionAr
     RmsNorm{a.gamma, P::kNormOut ? a.norm_out : nullptr, a.eps, a.weight_bias, a.hidden}(row, packs,
                                                                                          base);
     if constexpr (P::kQuant == Quant::kStatic) {
-      QuantFp8Static{a.quant_out, static_inv}(row, packs, base);
+      QuantFp8Static{a.quant_out, quant_scale}(row, packs, base);
     } else if constexpr (P::kQuant == Quant::kDynamic) {
-      QuantFp8Dynamic{a.quant_out, a.scale_out}(row, packs, base, token);
+      QuantFp8Dynamic{a.quant_out, static_cast<float*>(a.scale_out)}(row, packs, base, token);
+    } else if constexpr (P::kQuant == Quant::kNvfp4) {
+      const SfLayout layout{a.sf_layout, a.hidden / 16};
+      QuantNvfp4{a.quant_out, static_cast<uint8_t*>(a.scale_out), layout, quant_scale}(row, packs,
+                                                                                       base, token);
+    } else if constexpr (P::kQuant == Quant::kGroupFp8) {
+      const PackedUe8m0 layout{a.token_num, a.hidden / a.group_size};
+      QuantFp8Group{a.quant_out, static_cast<int32_t*>(a.scale_out), layout, a.group_size}(
+          row, packs, base, token);
     }
   }
 }
 
-// 1 / scale_factor[0] for the static quantiser (read after pdl_wait), else unused.
+// What the quantiser needs from scale_factor[0] (read after pdl_wait): its inverse for static
+// FP8, the global scale itself for NVFP4; unused otherwise.
 template <int kPattern>
-__device__ __forceinline__ float static_inverse(const FusionArgs& a) {
+__device__ __forceinline__ float quant_scale(const FusionArgs& a) {
   if constexpr (PatternTraits<kPattern>::kQuant == Quant::kStatic) {
     return 1.0f / *a.scale_factor;
+  } else if constexpr (PatternTraits<kPattern>::kQuant == Quant::kNvfp4) {
+    return *a.scale_factor;
   } else {
     return 0.0f;
   }

@@ -32,7 +32,7 @@ __global__ void __launch_bounds__(kFusionMaxThreads, 1)
   const int world = call.world, rank = call.rank, packs = call.packs;
   const int64_t slot_packs = call.slot_packs;  // L in packs
   const int64_t row = token * packs;
-  const uint32_t word = fusion_call_word(s.call, kFusionOneshot);
+  const uint32_t word = fusion_call_word(s.call, kFusionOneshot, call.digest);
   if (blockIdx.x == 0 && threadIdx.x == 0) announce_call(s.flags, rank, world, word);
 
   // push
@@ -90,7 +90,7 @@ __global__ void __launch_bounds__(kFusionMaxThreads, 1)
   }
   if (!__syncthreads_and(ok)) return;
 
-  run_epilogue<kPattern>(mine, a, token, static_inverse<kPattern>(a));
+  run_epilogue<kPattern>(mine, a, token, quant_scale<kPattern>(a));
   finish_call(a, s, /*oneshot=*/true, world * slot_packs);
 }
 

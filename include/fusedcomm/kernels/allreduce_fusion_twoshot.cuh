@@ -35,7 +35,7 @@ __global__ void __launch_bounds__(kFusionMaxThreads, 1)
   const int64_t first_row = blockIdx.x, row_stride = gridDim.x;
   auto part_begin = [&](int k) { return static_cast<int>(int64_t(k) * packs / world); };
   if (blockIdx.x == 0 && threadIdx.x == 0) {
-    announce_call(s.flags, rank, world, fusion_call_word(s.call, kFusionTwoshot));
+    announce_call(s.flags, rank, world, fusion_call_word(s.call, kFusionTwoshot, call.digest));
   }
 
   // stage every part but ours
@@ -78,7 +78,7 @@ __global__ void __launch_bounds__(kFusionMaxThreads, 1)
   }
 
   // epilogue, one row at a time in registers
-  const float inv = static_inverse<kPattern>(a);
+  const float qscale = quant_scale<kPattern>(a);
   for (int64_t t = first_row; t < a.token_num; t += row_stride) {
     Row<T, kPacks> row;
 #pragma unroll
@@ -87,7 +87,7 @@ __global__ void __launch_bounds__(kFusionMaxThreads, 1)
         row.v[j] = load_pack<T>(s.comm[rank], slot_packs + t * packs + Row<T, kPacks>::index(j));
       }
     }
-    run_epilogue<kPattern>(row, a, t, inv);
+    run_epilogue<kPattern>(row, a, t, qscale);
   }
   finish_call(a, s, /*oneshot=*/false, 0);
 }

@@ -26,10 +26,17 @@ struct FusionFlags {
 };
 
 // The call word a rank announces to its peers at the start of each call: the call number
-// (24 bits, counted by every rank alike) and the algorithm it runs. A rank that waits sees a
-// peer in the same call running another algorithm and reports a mismatch instead of hanging.
-__host__ __device__ constexpr uint32_t fusion_call_word(uint32_t call, uint32_t algorithm) {
-  return (call << 8) | (algorithm & 0xffu);
+// (24 bits, counted by every rank alike), a 6-bit digest of the call's shape (tokens and row
+// bytes: every rank must move the same L) and the algorithm (2 bits). A rank that waits sees
+// a peer in the same call with another shape or algorithm and reports a mismatch instead of
+// hanging or reading cells laid out for another L.
+__host__ __device__ constexpr uint32_t fusion_shape_digest(int64_t token_num, int64_t row_bytes) {
+  const uint64_t h = (uint64_t(token_num) * 0x9E3779B97F4A7C15ull) ^ (uint64_t(row_bytes) << 17);
+  return uint32_t((h * 0xBF58476D1CE4E5B9ull) >> 58);  // top 6 bits
+}
+__host__ __device__ constexpr uint32_t fusion_call_word(uint32_t call, uint32_t algorithm,
+                                                        uint32_t digest) {
+  return (call << 8) | ((digest & 0x3fu) << 2) | (algorithm & 0x3u);
 }
 
 // The rank-local control block. The first five int32 are FlashInfer's (§4.1) with our units.

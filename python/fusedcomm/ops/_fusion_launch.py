@@ -101,13 +101,16 @@ class ControlBlock:
     """The rank-local control block of one fusion workspace (protocol state + failure record).
 
     ``ptr`` is its device address (the last entry of the workspace pointer table);
+    ``segment_bytes`` and ``comm_bytes`` the sizes of the workspace's Lamport segment and
+    two-shot buffer (the launch refuses calls that would overflow either);
     ``failure`` the workspace's FailureState (``failure.check(op)`` raises if a kernel of this
     workspace gave up on a peer). ``close()`` frees both; call it once, after the device has
     finished every call that used it.
     """
 
-    def __init__(self, device: int, segment_bytes: int, timeout_s: float):
-        self.device, self.segment_bytes, self.timeout_s = device, segment_bytes, timeout_s
+    def __init__(self, device: int, segment_bytes: int, comm_bytes: int, timeout_s: float):
+        self.device, self.timeout_s = device, timeout_s
+        self.segment_bytes, self.comm_bytes = segment_bytes, comm_bytes
         d = _describe()
         self.failure = FailureState(
             device, FamilyNames(str(d["op"]), tuple(str(p) for p in d["phases"]))
@@ -197,6 +200,15 @@ def plan(
     }
 
 
+def _storage_span(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A strided tensor (the packed UE8M0 scales: strides (1, M)) as the contiguous run of
+    storage it spans, which the kernel addresses itself."""
+    if t is None or t.is_contiguous():
+        return t
+    span = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return t.as_strided((span,), (1,))
+
+
 def launch(call: FusionCall) -> None:
     """Run one fused all-reduce on the current stream."""
     block = _block_for(call.workspace_ptrs)
@@ -212,6 +224,7 @@ def launch(call: FusionCall) -> None:
         c.rank,
         block.ptr,
         block.segment_bytes,
+        block.comm_bytes,
         block.failure.claim_ptr,
         block.failure.record_device_ptr,
         block.timeout_s,
@@ -224,20 +237,25 @@ def launch(call: FusionCall) -> None:
         c.residual_out,
         c.norm_out,
         c.quant_out,
-        c.scale_out,
+        _storage_span(c.scale_out),
         c.rms_gamma,
         float(c.rms_eps),
         c.scale_factor,
+        int(c.layout_code),
+        0 if c.block_quant_group_size is None else int(c.block_quant_group_size),
         float(c.weight_bias),
         _launcher(c.input.dtype, c.world_size),
     )
 
 
-def new_control_block(device: int, segment_bytes: int, timeout_s: float | None) -> ControlBlock:
+def new_control_block(
+    device: int, segment_bytes: int, comm_bytes: int, timeout_s: float | None
+) -> ControlBlock:
     """Allocate and initialise a control block for a workspace whose Lamport segment is
-    ``segment_bytes`` long (failure state included; ``timeout_s`` None = the default)."""
+    ``segment_bytes`` long and whose two-shot buffer holds ``comm_bytes`` (failure state
+    included; ``timeout_s`` None = the default)."""
     timeout = envs.default_timeout_s() if timeout_s is None else float(timeout_s)
-    return ControlBlock(device, int(segment_bytes), timeout)
+    return ControlBlock(device, int(segment_bytes), int(comm_bytes), timeout)
 
 
 def workspace_bytes(

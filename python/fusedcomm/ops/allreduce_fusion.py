@@ -21,6 +21,7 @@ from ..enums import (
     QuantizationSFLayout,
     pattern_name,
 )
+from ..reference.quant import scale_factor_buffer_size
 from ..runtime.fusion_workspace import (
     AllReduceFusionWorkspace,
     TRTLLMAllReduceFusionWorkspace,
@@ -35,6 +36,8 @@ __all__ = ["allreduce_fusion", "trtllm_allreduce_fusion"]
 _P = AllReduceFusionPattern
 _ELEM = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4}
 _MAX_ROW_BYTES = 131072  # 65536 16-bit or 32768 fp32 elements per token
+_MAX_QUANT_GROUPS = 8192  # per-token-group FP8: groups per row (kMaxQuantGroups)
+_LAYOUT_NAMES = ("SWIZZLED_128x4", "SWIZZLED_8x4", "LINEAR")  # QuantizationSFLayout values
 _ACT = "act"  # an [N, D] tensor of the input's dtype
 _NVFP4 = (_P.kARResidualRMSNormFP4Quant, _P.kARResidualRMSNormOutFP4Quant)
 _GROUP_FP8 = (
@@ -44,7 +47,6 @@ _GROUP_FP8 = (
 _DYNAMIC_FP8 = (_P.kARResidualRMSNormDynamicFP8Quant, _P.kARResidualRMSNormOutDynamicFP8Quant)
 _STATIC_FP8 = (_P.kARResidualRMSNormFP8Quant, _P.kARResidualRMSNormOutFP8Quant)
 _MOE = (_P.kMoEReductionARResidualRMSNorm, _P.kMoEFinalizeARResidualRMSNorm)
-_RUNNABLE = (0, 1, 2, 4, 10, 11)
 
 # What each non-MoE pattern reads and always writes (must be given) besides the input.
 _NORM = ("residual_in", "rms_gamma", "residual_out")
@@ -77,21 +79,13 @@ _TENSOR_ARGS = (
 _SLOT = {name: i for i, name in enumerate(_TENSOR_ARGS)}
 _KEEP = {p: tuple(k in needs for k in _TENSOR_ARGS) for p, needs in _NEEDS.items()}
 _CALL_NAMES = ("world_size", "world_rank", "token_num")  # as check_group_shape reports them
-_LATER = {
-    _NVFP4: "NVFP4 quantisation",
-    _GROUP_FP8: "per-token-group FP8 quantisation",
-    _MOE: "the MoE fusions",
-}
 
 
 def _later_issue(op: str, pattern: int) -> NotImplementedError:
-    for patterns, what in _LATER.items():
-        if pattern in patterns:
-            return NotImplementedError(
-                f"{op}: {pattern_name(pattern)} ({what}) is not available yet; patterns 0, 1, "
-                "2, 4, 10 and 11 are"
-            )
-    raise AssertionError(pattern)
+    return NotImplementedError(
+        f"{op}: {pattern_name(pattern)} (the MoE fusions) is not available yet; patterns "
+        "0-5 and 8-11 are"
+    )
 
 
 def _pattern_arg(op: str, pattern: Any) -> int:
@@ -281,23 +275,53 @@ def _check_fusion(
                 f"{op}: quant_out must hold {numel // 2} bytes (two FP4 values "
                 f"per byte), got {q.numel() * q.element_size()}"
             )
-        if not isinstance(sf, torch.Tensor) or sf.device != x.device:
-            raise ValueError(f"{op}: scale_out must be a tensor on {x.device}")
-    if pattern in _GROUP_FP8:
-        g = _int(op, "block_quant_group_size", block_quant_group_size, 1)
-        if hidden_dim % g:
-            raise ValueError(
-                f"{op}: block_quant_group_size ({g}) must divide hidden_dim ({hidden_dim})"
-            )
-        if not isinstance(sf, torch.Tensor) or sf.dtype != torch.int32:
-            raise ValueError(f"{op}: scale_out must be an int32 tensor of packed UE8M0 scales")
     layout = QuantizationSFLayout.SWIZZLED_128x4 if layout_code is None else layout_code
     if isinstance(layout, bool) or layout not in (0, 1, 2):
         raise ValueError(
             f"{op}: layout_code ({layout_code!r}) must be a QuantizationSFLayout "
             "value (0, 1, 2) or None"
         )
+    if pattern in _NVFP4:
+        _nvfp4_scales(op, sf, x, token_num, hidden_dim, int(layout))
+    if pattern in _GROUP_FP8:
+        _group_scales(op, sf, x, token_num, hidden_dim, block_quant_group_size)
     return int(layout)
+
+
+def _nvfp4_scales(op: str, sf: Any, x: torch.Tensor, n: int, d: int, layout: int) -> None:
+    """scale_out of an NVFP4 pattern: a contiguous tensor (any dtype) of at least the layout's
+    bytes for n rows of d / 16 scale factors."""
+    _tensor(op, "scale_out", sf, x.device)
+    need = scale_factor_buffer_size(n, d // 16, layout)
+    have = sf.numel() * sf.element_size()
+    if have < need:
+        raise ValueError(
+            f"{op}: scale_out holds {have} bytes; {_LAYOUT_NAMES[layout]} needs "
+            f"{need} for {n} rows of {d // 16} scale factors"
+        )
+
+
+def _group_scales(op: str, sf: Any, x: torch.Tensor, n: int, d: int, group: Any) -> None:
+    """scale_out of a per-token-group FP8 pattern: int32 (n, K) with strides (1, M)."""
+    g = _int(op, "block_quant_group_size", group, 1)
+    if d % g:
+        raise ValueError(f"{op}: block_quant_group_size ({g}) must divide hidden_dim ({d})")
+    if d // g > _MAX_QUANT_GROUPS:
+        raise ValueError(
+            f"{op}: hidden_dim / block_quant_group_size ({d // g}) must be at most "
+            f"{_MAX_QUANT_GROUPS} groups per token"
+        )
+    _is_tensor(op, "scale_out", sf)
+    if sf.device != x.device:
+        raise ValueError(f"{op}: scale_out is on {sf.device}, the input on {x.device}")
+    k, m = (d // g + 3) // 4, (n + 3) // 4 * 4
+    strides_ok = sf.dim() == 2 and sf.stride(0) == 1 and (k == 1 or sf.stride(1) == m)
+    if sf.dtype != torch.int32 or tuple(sf.shape) != (n, k) or not strides_ok:
+        raise ValueError(
+            f"{op}: scale_out must be int32 of shape ({n}, {k}) with strides (1, {m}) "
+            "(packed UE8M0 scales, column-major with rows padded to a multiple of 4), got "
+            f"{sf.dtype} of shape {tuple(sf.shape)} with strides {tuple(sf.stride())}"
+        )
 
 
 # ------------------------------------------------------------------------------------------
@@ -337,7 +361,7 @@ _fusion_op = register_op(
 def _fused_call(
     op: str, pattern: int, x: torch.Tensor, where: tuple, flags: tuple, tensors: tuple, scalars
 ) -> None:
-    """Check everything, then launch (patterns 0, 1, 2, 4, 10, 11) or refuse (the others).
+    """Check everything, then launch (every pattern but the MoE ones, 6 and 7).
 
     ``x`` is a tensor of a supported dtype (the entry points check both). ``where``:
     (workspace_ptrs, world_size, rank, token_num, hidden_dim); ``flags``: (launch_with_pdl,
@@ -360,7 +384,7 @@ def _fused_call(
     sf = None
     if pattern in _STATIC_FP8 or pattern in _NVFP4:
         sf = _scale_factor_tensor(op, scale_factor, x.device)
-    if pattern not in _RUNNABLE:
+    if pattern in _MOE:
         raise _later_issue(op, pattern)
     group = None if block_quant_group_size is None else int(block_quant_group_size)
     workspace_ptrs, world_size, rank, token_num, hidden_dim = where
@@ -436,20 +460,28 @@ def trtllm_allreduce_fusion(
         residual_out = s + residual_in                             # patterns 1-5, 8-11
         norm_out = rms_norm(residual_out, rms_gamma, rms_eps, weight_bias)
         quant_out = fp8(norm_out / scale_factor)                   # patterns 2, 4
+        quant_out, scale_out = nvfp4(norm_out, scale_factor)       # patterns 3, 5
+        quant_out, scale_out = fp8_per_group(norm_out, group)      # patterns 8, 9
         quant_out, scale_out = fp8_per_token(norm_out)             # patterns 10, 11
 
     Every rounding step is spelled out in ``fusedcomm.reference.fusion``. Results are bitwise
     identical on every rank. ``allreduce_in`` and the outputs are contiguous tensors of
     ``token_num * hidden_dim`` elements (any shape) on the device of ``workspace_ptrs``
     (the pointer table of trtllm_create_ipc_workspace_for_all_reduce_fusion); dtype
-    float16, bfloat16 or float32; ``quant_out`` float8_e4m3fn; ``scale_out`` (10, 11)
-    ``token_num`` float32 values. Outputs may be the inputs themselves (in place).
+    float16, bfloat16 or float32; ``quant_out`` float8_e4m3fn (NVFP4: any dtype holding
+    ``token_num * hidden_dim / 2`` bytes, two E2M1 codes per byte); ``scale_out``: (10, 11)
+    ``token_num`` float32 values, (3, 5) the E4M3 block scales in the ``layout_code`` layout
+    (at least ``fusedcomm.reference.scale_factor_buffer_size`` bytes; swizzle padding is not
+    written), (8, 9) the packed UE8M0 int32 ``(N, K)`` tensor with strides ``(1, M)``.
+    Outputs may be the inputs themselves (in place).
     ``use_oneshot``: True Lamport one-shot, False two-shot, None the planner decides.
     ``scale_factor``: the FP8 dequantisation scale, a float or a CUDA tensor read on the
-    device (so graph replays see new values). ``metadata``: when given, the call is checked
+    device (so graph replays see new values); for NVFP4 the global scale (it multiplies).
+    ``block_quant_group_size`` (8, 9): any group size that divides ``hidden_dim``.
+    ``metadata``: when given, the call is checked
     against the workspace (one ValueError naming every mismatch). ``rms_eps=None`` is 0,
-    ``weight_bias=None`` is 0, ``layout_code=None`` is SWIZZLED_128x4. Patterns 3, 5, 6, 7,
-    8, 9 raise NotImplementedError (after their argument checks); 12 raises ValueError.
+    ``weight_bias=None`` is 0, ``layout_code=None`` is SWIZZLED_128x4. Patterns 6 and 7 run
+    through the MoE entry points; 12 raises ValueError.
     """
     op = "trtllm_allreduce_fusion"
     if not tracing():
@@ -526,6 +558,8 @@ def allreduce_fusion(
         residual_out = s + residual_in                      # every other pattern
         norm_out = rms_norm(residual_out, rms_gamma, rms_eps, weight_bias)   # 1, 4, 11
         quant_out = fp8(norm_out / scale_factor)            # static FP8: 2, 4
+        quant_out, scale_out = nvfp4(norm_out, scale_factor)   # NVFP4: 3, 5
+        quant_out, scale_out = fp8_per_group(norm_out, block_quant_group_size)  # 8, 9
         quant_out, scale_out = fp8_per_token(norm_out)      # dynamic FP8: 10, 11
 
     (rounding at each step as in ``fusedcomm.reference.fusion``; bitwise identical on every
@@ -534,11 +568,13 @@ def allreduce_fusion(
     selects the backend (TypeError for any other object). Outputs the pattern writes must be
     given, except ``output`` for pattern 0, which is allocated when None; any output may be an
     input tensor itself (in place). ``quant_out``: float8_e4m3fn of ``input``'s shape;
-    ``scale_out`` (10, 11): float32 ``[N, 1]``. ``scale_factor`` (2, 4): float or CUDA tensor.
+    ``scale_out`` (10, 11): float32 ``[N, 1]``; (3, 5): E4M3 block scales in the
+    ``layout_code`` layout; (8, 9): packed UE8M0 int32 ``(N, K)``, strides ``(1, M)``.
+    ``scale_factor`` (2, 4: dequantisation scale; 3, 5: NVFP4 global scale): float or CUDA
+    tensor.
     ``use_oneshot=None`` lets the planner choose one-shot or two-shot.
 
     Returns ``norm_out`` if given, else ``quant_out`` if given, else ``output``.
-    Patterns 3, 5, 6, 7, 8, 9 raise NotImplementedError after their argument checks.
     """
     op = "allreduce_fusion"
     if type(workspace) is not TRTLLMAllReduceFusionWorkspace and not isinstance(

@@ -306,7 +306,9 @@ def _create_fusion(
         # empty, so a call of another dtype can never mistake the fill for data
         trtllm_lamport_initialize(lamport, sizes[2] // 4, torch.float32)
         _synchronize()
-        res.control = _fusion_launch.new_control_block(_current_device(), plan["segment"], timeout)
+        res.control = _fusion_launch.new_control_block(
+            _current_device(), plan["segment"], sizes[0], timeout
+        )
 
     def finish(res: _Resources) -> torch.Tensor:
         ptrs = [p for buf in res.shared for p in buf] + [int(res.control.ptr)]
