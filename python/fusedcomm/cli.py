@@ -137,11 +137,18 @@ def _bench_gpu(world: int, quick: bool) -> dict:
 
     fused_tokens = tuple(t for t in fusion.TOKENS if t <= 1024) if quick else fusion.TOKENS
     fused = run_ranks(fusion.bench_rank, world, backend="nccl", timeout_s=900, args=(fused_tokens,))
+    cross_tokens = fusion.CROSSOVER_TOKENS
+    if quick:
+        cross_tokens = tuple(t for t in cross_tokens if t <= 1024)
+    cross = run_ranks(
+        fusion.crossover_rank, world, backend="nccl", timeout_s=600, args=(cross_tokens,)
+    )
     return {
         "foundation": found[0],
         "allreduce": rows[0],
         "allreduce_per_rank": rows,
         "fusion": fused[0],
+        "fusion_crossover": cross[0],
     }
 
 
@@ -191,9 +198,15 @@ def bench(args) -> int:
         "unfused = NCCL + add + torch rms_norm:\n"
     )
     print(fused_table)
+    cross_table = fusion.crossover_markdown(result["fusion_crossover"])
+    print(
+        f"\none-shot / two-shot crossover, hidden {fusion.CROSSOVER_HIDDEN}, {world} ranks, "
+        "microseconds per call in CUDA graphs (kAllReduce p0, kARResidualRMSNorm p1):\n"
+    )
+    print(cross_table)
     if args.markdown:
         with open(args.markdown, "w") as fh:
-            fh.write(table + "\n\n" + fused_table + "\n")
+            fh.write(table + "\n\n" + fused_table + "\n\n" + cross_table + "\n")
     if args.plot:
         allreduce.plot(result["allreduce"], args.plot)
         print(f"plot written to {args.plot}")

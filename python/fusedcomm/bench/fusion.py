@@ -4,6 +4,10 @@ bf16, hidden 4096, tokens 1..8192 (8 KiB .. 64 MiB), the way engines call it: on
 for the group, ``allreduce_fusion`` with kAllReduce, kARResidualRMSNorm and
 kARResidualRMSNormOutFP8Quant, eager and CUDA graph. The unfused row is NCCL's all-reduce, the
 residual add and torch's rms_norm.
+
+The crossover sweep (``crossover_rank``) times use_oneshot=True against False for kAllReduce
+and kARResidualRMSNorm, bf16 and fp16, hidden 4096, 1..8192 tokens, in CUDA graphs, and
+reports the first token count at which two-shot is faster.
 """
 
 from __future__ import annotations
@@ -137,4 +141,111 @@ def markdown(rows: list[dict]) -> str:
             "yes" if r["exact_vs_nccl"] else "NO",
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------
+# One-shot against two-shot: where the crossover lies (CUDA-graph timing)
+
+CROSSOVER_HIDDEN = 4096
+CROSSOVER_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+CROSSOVER_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+CROSSOVER_PATTERNS = (P.kAllReduce, P.kARResidualRMSNorm)
+
+
+def _crossovers(rows: list[dict]) -> list[dict]:
+    """Per (dtype, pattern): the first token count at which two-shot is faster (None: never
+    within the sweep)."""
+    found: dict[tuple[str, int], int | None] = {}
+    for r in rows:
+        key = (r["dtype"], r["pattern"])
+        found.setdefault(key, None)
+        if found[key] is None and r["twoshot_us"] < r["oneshot_us"]:
+            found[key] = r["tokens"]
+    return [{"dtype": d, "pattern": p, "tokens": t} for (d, p), t in found.items()]
+
+
+def crossover_rank(
+    rank: int, world: int, tokens=CROSSOVER_TOKENS, hidden: int = CROSSOVER_HIDDEN
+) -> dict:
+    """Graph-timed use_oneshot=True against False for kAllReduce and kARResidualRMSNorm at
+    every token count where both fit; rows, and the crossover of each (dtype, pattern)."""
+    rows = []
+    backend = TorchDistBackend()
+    for name, dtype in CROSSOVER_DTYPES.items():
+        ws = create_allreduce_fusion_workspace(
+            backend="trtllm",
+            world_size=world,
+            rank=rank,
+            max_token_num=max(tokens),
+            hidden_dim=hidden,
+            dtype=dtype,
+            comm_backend=backend,
+        )
+        gen = torch.Generator(device="cuda").manual_seed(11 + rank)
+        try:
+            gamma = (torch.rand(hidden, device="cuda", generator=gen) + 0.5).to(dtype)
+            for t in tokens:
+                if not ws.is_buffer_size_sufficient(world, t, hidden, dtype, use_oneshot=True):
+                    continue  # one-shot does not fit: nothing to compare
+                x = torch.randn(t, hidden, device="cuda", generator=gen).to(dtype)
+                res = torch.randn(t, hidden, device="cuda", generator=gen).to(dtype)
+                out, res_out = torch.empty_like(x), torch.empty_like(x)
+                iters = _iters(x.numel() * x.element_size())
+                for pattern in CROSSOVER_PATTERNS:
+                    tensors = (
+                        {"output": out}
+                        if pattern == P.kAllReduce
+                        else {
+                            "residual_in": res,
+                            "residual_out": res_out,
+                            "norm_out": out,
+                            "rms_gamma": gamma,
+                        }
+                    )
+                    row = {"dtype": name, "pattern": int(pattern), "tokens": t}
+                    for oneshot in (True, False):
+
+                        def call(oneshot=oneshot, pattern=pattern, tensors=tensors):
+                            allreduce_fusion(
+                                input=x,
+                                workspace=ws,
+                                pattern=pattern,
+                                use_oneshot=oneshot,
+                                launch_with_pdl=True,
+                                **tensors,
+                            )
+
+                        graph = capture(call, iters)
+                        key = "oneshot_us" if oneshot else "twoshot_us"
+                        row[key] = time_graph(graph, iters)
+                        del graph
+                    rows.append(row)
+                dist.barrier()
+        finally:
+            torch.cuda.synchronize()
+            ws.destroy()
+    return {"hidden": hidden, "world": world, "rows": rows, "crossover": _crossovers(rows)}
+
+
+def crossover_markdown(result: dict) -> str:
+    """The sweep as a table (one-shot / two-shot microseconds per call), then the crossovers."""
+    keys = sorted({(r["dtype"], r["pattern"]) for r in result["rows"]})
+    cells = {(r["dtype"], r["pattern"], r["tokens"]): r for r in result["rows"]}
+    head = ["tokens", *(f"{d} p{p} 1-shot / 2-shot" for d, p in keys)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for t in sorted({r["tokens"] for r in result["rows"]}):
+        row = [str(t)]
+        for d, p in keys:
+            r = cells.get((d, p, t))
+            row.append("-" if r is None else f"{r['oneshot_us']:.1f} / {r['twoshot_us']:.1f}")
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    for c in result["crossover"]:
+        where = (
+            "two-shot is never faster in the sweep"
+            if c["tokens"] is None
+            else f"two-shot is faster first at {c['tokens']} tokens"
+        )
+        lines.append(f"- {c['dtype']} pattern {c['pattern']}: {where}")
     return "\n".join(lines)

@@ -12,9 +12,18 @@ RUNTIME = JitSpec(name="runtime", units=(Unit("runtime.cu"),), host_only=True)
 # The Lamport fill kernel.
 LAMPORT = JitSpec(name="lamport", units=(Unit("lamport.cu"),))
 
+# The dependent-launch probe of the PDL tests (fusedcomm.testing.pdl); not for engines.
+PDL_PROBE = JitSpec(name="pdl_probe", units=(Unit("pdl_probe.cu"),))
+
 ALL_SPECS: dict[str, JitSpec] = {
     s.name: s
-    for s in (RUNTIME, LAMPORT, *allreduce_peer.all_specs(), *allreduce_fusion.all_specs())
+    for s in (
+        RUNTIME,
+        LAMPORT,
+        PDL_PROBE,
+        *allreduce_peer.all_specs(),
+        *allreduce_fusion.all_specs(),
+    )
 }
 
 # What engines use: the default set for warmup() and the AOT build.
