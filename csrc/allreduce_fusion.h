@@ -20,9 +20,9 @@ struct FusionPlan {
 // units (compiled in parallel) and one launcher unit; part k instantiates the kernels of the
 // patterns in row k (-1: none). The JIT spec (python/fusedcomm/jit/allreduce_fusion.py) lists
 // one unit per part; describe() reports kFusionParts so a test can hold the two together.
-constexpr int kFusionParts = 4;
+constexpr int kFusionParts = 5;
 constexpr int kFusionPartPatterns[kFusionParts][4] = {
-    {0, 1, -1, -1}, {2, 4, 10, 11}, {3, 5, -1, -1}, {8, 9, -1, -1}};
+    {0, 1, -1, -1}, {2, 4, 10, 11}, {3, 5, -1, -1}, {8, 9, -1, -1}, {6, 7, -1, -1}};
 
 using FusionKernel = void (*)(FusionArgs);
 

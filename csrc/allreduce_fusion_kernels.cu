@@ -18,12 +18,19 @@ namespace {
 
 template <int kPattern, int kPacks>
 FusionKernel pick(FusionAlgorithm algorithm) {
-  if (algorithm == kFusionTwoshot)
-    return &allreduce_fusion_twoshot<FC_DTYPE, FC_WORLD, kPattern, kPacks>;
-  return &allreduce_fusion_oneshot<FC_DTYPE, FC_WORLD, kPattern, kPacks>;
+  if constexpr (PatternTraits<kPattern>::kMoe) {  // one-shot only
+    return algorithm == kFusionOneshot
+               ? &allreduce_fusion_oneshot<FC_DTYPE, FC_WORLD, kPattern, kPacks>
+               : nullptr;
+  } else {
+    if (algorithm == kFusionTwoshot)
+      return &allreduce_fusion_twoshot<FC_DTYPE, FC_WORLD, kPattern, kPacks>;
+    return &allreduce_fusion_oneshot<FC_DTYPE, FC_WORLD, kPattern, kPacks>;
+  }
 }
 
-// Patterns this dtype cannot run (NVFP4 takes 16-bit activations) have no kernels.
+// Patterns this dtype cannot run (NVFP4 and the MoE fusions take 16-bit activations) have no
+// kernels.
 template <int kPattern>
 constexpr bool instantiated() {
   return kPattern >= 0 && (stages_of(kPattern).quant != Quant::kNvfp4 || sizeof(FC_DTYPE) == 2);

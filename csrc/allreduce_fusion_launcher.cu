@@ -15,7 +15,9 @@ template <>
 FusionKernel fusion_pick<2>(int, FusionAlgorithm, int);
 template <>
 FusionKernel fusion_pick<3>(int, FusionAlgorithm, int);
-static_assert(kFusionParts == 4, "declare and ask every part");
+template <>
+FusionKernel fusion_pick<4>(int, FusionAlgorithm, int);
+static_assert(kFusionParts == 5, "declare and ask every part");
 
 namespace {
 
@@ -24,6 +26,7 @@ FusionKernel pick(int pattern, FusionAlgorithm algorithm, int packs) {
   if (k == nullptr) k = fusion_pick<1>(pattern, algorithm, packs);
   if (k == nullptr) k = fusion_pick<2>(pattern, algorithm, packs);
   if (k == nullptr) k = fusion_pick<3>(pattern, algorithm, packs);
+  if (k == nullptr) k = fusion_pick<4>(pattern, algorithm, packs);
   return k;
 }
 

@@ -102,6 +102,7 @@ def dev(monkeypatch):
     monkeypatch.setattr(_fusion_launch, "new_control_block", d.new_control_block)
     monkeypatch.setattr(_fusion_launch, "workspace_bytes", fake_plan)
     monkeypatch.setattr(_fusion_launch, "launch", d.launches.append)
+    monkeypatch.setattr(_fusion_launch, "launch_moe", d.launches.append)
     return d
 
 

@@ -216,13 +216,13 @@ BAD = [
     (8, dict(GROUP, scale_out=Z(8, 1, dtype=I32)[:7]), ValueError, r"shape \(8, 1\)"),
     (9, dict(GROUP, block_quant_group_size=96, norm_out=Z(8, D)), ValueError, "divide"),
     (6, {}, ValueError, "moe_reduction_device_num_experts"),
-    (6, MOE6, NotImplementedError, r"kMoEReductionARResidualRMSNorm \(6\)"),
+    (6, MOE6, ValueError, "at least one output"),
     (7, {}, ValueError, "expanded_idx_to_permuted_idx"),
     (
         7,
-        {"expanded_idx_to_permuted_idx": Z(8, 2, dtype=I32)},
-        NotImplementedError,
-        r"kMoEFinalizeARResidualRMSNorm \(7\)",
+        {"expanded_idx_to_permuted_idx": Z(8, 2, dtype=torch.int64)},
+        TypeError,
+        "int32",
     ),
 ]
 

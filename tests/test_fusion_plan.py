@@ -135,7 +135,7 @@ def test_planner_rejects_bad_shapes(args, match):
 
 def test_describe_names_patterns_and_phases():
     d = fl._describe()
-    assert tuple(d["patterns"]) == (0, 1, 2, 3, 4, 5, 8, 9, 10, 11)
+    assert tuple(d["patterns"]) == (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11)
     assert d["kernel_parts"] == KERNEL_PARTS  # one compile unit of the spec per part
     assert d["max_quant_groups"] == af._MAX_QUANT_GROUPS
     assert tuple(d["algorithms"]) == ("auto", "oneshot", "twoshot")

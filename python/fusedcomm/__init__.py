@@ -22,6 +22,7 @@ from .mapping import Mapping
 from .ops.allreduce_fusion import allreduce_fusion, trtllm_allreduce_fusion
 from .ops.allreduce_legacy import trtllm_custom_all_reduce
 from .ops.lamport import trtllm_lamport_initialize, trtllm_lamport_initialize_all
+from .ops.moe_fusion import trtllm_moe_allreduce_fusion, trtllm_moe_finalize_allreduce_fusion
 from .ops.vllm_ar import (
     vllm_all_reduce,
     vllm_dispose,
@@ -86,6 +87,8 @@ __all__ = [
     "trtllm_custom_all_reduce",
     "trtllm_destroy_ipc_workspace_for_all_reduce",
     "trtllm_destroy_ipc_workspace_for_all_reduce_fusion",
+    "trtllm_moe_allreduce_fusion",
+    "trtllm_moe_finalize_allreduce_fusion",
     "BuildError",
     "CommBackend",
     "CudaRTLibrary",

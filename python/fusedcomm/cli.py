@@ -143,13 +143,31 @@ def _bench_gpu(world: int, quick: bool) -> dict:
     cross = run_ranks(
         fusion.crossover_rank, world, backend="nccl", timeout_s=600, args=(cross_tokens,)
     )
+    from .bench import moe, quant
+
+    sections = {}
+    for name, module in (("quant", quant), ("moe", moe)):
+        some = tuple(t for t in module.TOKENS if t <= 128) if quick else module.TOKENS
+        try:  # a failing section is reported; the others' tables still print
+            sections[name] = run_ranks(
+                module.bench_rank, world, backend="nccl", timeout_s=900, args=(some,)
+            )[0]
+        except Exception as exc:
+            sections[name] = {"error": str(exc)}
     return {
         "foundation": found[0],
         "allreduce": rows[0],
         "allreduce_per_rank": rows,
         "fusion": fused[0],
         "fusion_crossover": cross[0],
+        **sections,
     }
+
+
+def _section_table(module, rows) -> str:
+    if isinstance(rows, dict):  # the section failed
+        return f"(failed: {rows['error'][-2000:]})"
+    return module.markdown(rows)
 
 
 def bench(args) -> int:
@@ -204,9 +222,25 @@ def bench(args) -> int:
         "microseconds per call in CUDA graphs (kAllReduce p0, kARResidualRMSNorm p1):\n"
     )
     print(cross_table)
+    from .bench import moe, quant
+
+    quant_table = _section_table(quant, result["quant"])
+    print(
+        f"\nblock-quantised fused patterns, bf16, {world} ranks, microseconds per call "
+        "(NVFP4: pattern 5, SWIZZLED_128x4; group FP8: pattern 9, groups of "
+        f"{quant.GROUP}; unfused = NCCL + add + torch rms_norm + a torch quantiser):\n"
+    )
+    print(quant_table)
+    moe_table = _section_table(moe, result["moe"])
+    print(
+        f"\nMoE fusions, bf16, hidden {moe.HIDDEN}, {world} ranks, CUDA graphs, microseconds "
+        f"per call (finalize: top-{moe.TOP_K}; reduction: {moe.EXPERTS} experts per device; "
+        "unfused = torch gather/scale/sum + NCCL + add + torch rms_norm):\n"
+    )
+    print(moe_table)
     if args.markdown:
         with open(args.markdown, "w") as fh:
-            fh.write(table + "\n\n" + fused_table + "\n\n" + cross_table + "\n")
+            fh.write("\n\n".join((table, fused_table, cross_table, quant_table, moe_table)) + "\n")
     if args.plot:
         allreduce.plot(result["allreduce"], args.plot)
         print(f"plot written to {args.plot}")

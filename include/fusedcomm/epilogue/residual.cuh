@@ -1,6 +1,7 @@
 // ResidualAdd: the first step of the fused patterns (§3.2 step 1).
 //
-//   p_j = rd_T(float(s_j) + float(residual_in_j)), written to residual_out; the row becomes p.
+//   p_j = rd_T(float(s_j) + float(residual_in_j)), written to residual_out (unless it is null:
+//   the MoE patterns make it optional); the row becomes p.
 // residual_out may be residual_in (or the input): each pack is read before it is written, by
 // the same thread.
 #pragma once
@@ -19,7 +20,7 @@ struct ResidualAdd {
       const int64_t i = base + Row<T, kPacks>::index(j);
       accumulate(acc, load_pack<T>(residual_in, i));
       row.v[j] = pack_from<T>(acc);
-      store_pack<T>(residual_out, i, row.v[j]);
+      if (residual_out != nullptr) store_pack<T>(residual_out, i, row.v[j]);
     });
   }
 };

@@ -17,6 +17,11 @@
 //   9  ResidualAdd, RmsNorm(norm_out), QuantFp8Group
 //   10 ResidualAdd, RmsNorm, QuantFp8Dynamic          (residual_out, quant_out, scale_out)
 //   11 ResidualAdd, RmsNorm(norm_out), QuantFp8Dynamic
+// The MoE patterns replace the input row with a prologue (proto/moe_input.cuh) and make the
+// outputs other than norm_out optional (written when given), one-shot only:
+//   6  MoeReductionInput; [allreduce_out], ResidualAdd[residual_out], RmsNorm(norm_out),
+//      [QuantNvfp4 when quant_out is given]
+//   7  MoeFinalizeInput; the same epilogue
 #pragma once
 #include "fusedcomm/epilogue/quant_fp8.cuh"
 #include "fusedcomm/epilogue/quant_group_fp8.cuh"
@@ -24,6 +29,8 @@
 #include "fusedcomm/epilogue/residual.cuh"
 #include "fusedcomm/epilogue/rmsnorm.cuh"
 #include "fusedcomm/layout/fusion_workspace.cuh"
+#include "fusedcomm/proto/lamport.cuh"
+#include "fusedcomm/proto/moe_input.cuh"
 #include "fusedcomm/proto/pdl.cuh"
 #include "fusedcomm/sync/wait.cuh"
 
@@ -43,27 +50,37 @@ __host__ __device__ constexpr uint32_t fusion_tag(FusionAlgorithm a, FusionPhase
 }
 
 enum class Quant { kNone, kStatic, kDynamic, kNvfp4, kGroupFp8 };
+enum class Input { kRows, kMoeReduction, kMoeFinalize };
 
-// What each pattern runs after the all-reduce: residual add + RMSNorm or not, whether the
-// norm is stored, and which quantiser (if any) consumes it. One row per pattern with kernels.
+// What each pattern runs around the all-reduce: where its row comes from, residual add +
+// RMSNorm or not, whether the norm is stored, and which quantiser (if any) consumes it. One
+// row per pattern with kernels.
 struct PatternStages {
   int pattern;
   bool norm, norm_out;
   Quant quant;
+  Input input;
 };
 constexpr PatternStages kPatternStages[] = {
-    {0, false, false, Quant::kNone},    {1, true, true, Quant::kNone},
-    {2, true, false, Quant::kStatic},   {3, true, false, Quant::kNvfp4},
-    {4, true, true, Quant::kStatic},    {5, true, true, Quant::kNvfp4},
-    {8, true, false, Quant::kGroupFp8}, {9, true, true, Quant::kGroupFp8},
-    {10, true, false, Quant::kDynamic}, {11, true, true, Quant::kDynamic},
+    {0, false, false, Quant::kNone, Input::kRows},
+    {1, true, true, Quant::kNone, Input::kRows},
+    {2, true, false, Quant::kStatic, Input::kRows},
+    {3, true, false, Quant::kNvfp4, Input::kRows},
+    {4, true, true, Quant::kStatic, Input::kRows},
+    {5, true, true, Quant::kNvfp4, Input::kRows},
+    {6, true, true, Quant::kNvfp4, Input::kMoeReduction},
+    {7, true, true, Quant::kNvfp4, Input::kMoeFinalize},
+    {8, true, false, Quant::kGroupFp8, Input::kRows},
+    {9, true, true, Quant::kGroupFp8, Input::kRows},
+    {10, true, false, Quant::kDynamic, Input::kRows},
+    {11, true, true, Quant::kDynamic, Input::kRows},
 };
 
 constexpr PatternStages stages_of(int pattern) {
   for (const PatternStages& s : kPatternStages) {
     if (s.pattern == pattern) return s;
   }
-  return PatternStages{-1, false, false, Quant::kNone};
+  return PatternStages{-1, false, false, Quant::kNone, Input::kRows};
 }
 
 template <int kPattern>
@@ -72,6 +89,8 @@ struct PatternTraits {
   static_assert(kStages.pattern == kPattern, "this pattern has no fusion kernels");
   static constexpr bool kNorm = kStages.norm, kNormOut = kStages.norm_out;
   static constexpr Quant kQuant = kStages.quant;
+  static constexpr Input kInput = kStages.input;
+  static constexpr bool kMoe = kInput != Input::kRows;  // optional outputs, one-shot only
 };
 
 struct FusionArgs {
@@ -85,7 +104,10 @@ struct FusionArgs {
   void* quant_out;
   void* scale_out;  // fp32 per token (10, 11), SfLayout bytes (3, 5), PackedUe8m0 (8, 9)
   const void* gamma;
-  const float* scale_factor;  // [1] fp32: the static FP8 scale (2, 4) or NVFP4 global scale
+  const float* scale_factor;        // [1] fp32: the static FP8 scale (2, 4) or NVFP4 global scale
+  float global_scale;               // the NVFP4 global scale when scale_factor is null (6, 7)
+  MoeReductionInput moe_reduction;  // pattern 6
+  MoeFinalizeInput moe_finalize;    // pattern 7
   int64_t token_num;
   int64_t segment_bytes;
   int32_t row_packs;  // hidden * sizeof(T) / 16
@@ -195,7 +217,23 @@ __device__ __forceinline__ void run_epilogue(Row<T, kPacks>& row, const FusionAr
   using P = PatternTraits<kPattern>;
   const int packs = a.row_packs;
   const int64_t base = token * packs;
-  if constexpr (!P::kNorm) {
+  if constexpr (P::kMoe) {
+    if (a.allreduce_out != nullptr) {
+#pragma unroll
+      for (int j = 0; j < kPacks; ++j) {
+        if (Row<T, kPacks>::has(j, packs)) {
+          store_pack<T>(a.allreduce_out, base + Row<T, kPacks>::index(j), row.v[j]);
+        }
+      }
+    }
+    ResidualAdd{a.residual_in, a.residual_out}(row, packs, base);
+    RmsNorm{a.gamma, a.norm_out, a.eps, a.weight_bias, a.hidden}(row, packs, base);
+    if (a.quant_out != nullptr) {
+      const SfLayout layout{a.sf_layout, a.hidden / 16};
+      QuantNvfp4{a.quant_out, static_cast<uint8_t*>(a.scale_out), layout, quant_scale}(row, packs,
+                                                                                       base, token);
+    }
+  } else if constexpr (!P::kNorm) {
 #pragma unroll
     for (int j = 0; j < kPacks; ++j) {
       if (Row<T, kPacks>::has(j, packs)) {
@@ -222,6 +260,29 @@ __device__ __forceinline__ void run_epilogue(Row<T, kPacks>& row, const FusionAr
   }
 }
 
+// The row a rank contributes, sanitised for the Lamport buffers (-0 -> +0): the input row, or
+// the MoE prologue's result.
+template <int kPattern, typename T, int kPacks>
+__device__ __forceinline__ void load_input(Row<T, kPacks>& row, const FusionArgs& a,
+                                           int64_t token) {
+  using P = PatternTraits<kPattern>;
+  const int packs = a.row_packs;
+  if constexpr (P::kInput == Input::kMoeReduction) {
+    a.moe_reduction.load(row, packs, token, a.token_num);
+  } else if constexpr (P::kInput == Input::kMoeFinalize) {
+    a.moe_finalize.load(row, packs, token, a.token_num);
+  }
+#pragma unroll
+  for (int j = 0; j < kPacks; ++j) {
+    if (Row<T, kPacks>::has(j, packs)) {
+      if constexpr (P::kInput == Input::kRows) {
+        row.v[j] = load_pack<T>(a.input, token * packs + Row<T, kPacks>::index(j));
+      }
+      row.v[j] = lamport_sanitize(row.v[j]);
+    }
+  }
+}
+
 // What the quantiser needs from scale_factor[0] (read after pdl_wait): its inverse for static
 // FP8, the global scale itself for NVFP4; unused otherwise.
 template <int kPattern>
@@ -229,7 +290,7 @@ __device__ __forceinline__ float quant_scale(const FusionArgs& a) {
   if constexpr (PatternTraits<kPattern>::kQuant == Quant::kStatic) {
     return 1.0f / *a.scale_factor;
   } else if constexpr (PatternTraits<kPattern>::kQuant == Quant::kNvfp4) {
-    return *a.scale_factor;
+    return a.scale_factor != nullptr ? *a.scale_factor : a.global_scale;
   } else {
     return 0.0f;
   }

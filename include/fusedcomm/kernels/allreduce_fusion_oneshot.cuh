@@ -4,7 +4,8 @@
 //   pdl_wait, read the table and control block (f = segment, c = packs to clear)
 //   (a failed communicator does nothing)
 //   announce  : block 0 tells the peers "call n, one-shot"
-//   push      : the sanitised row (-0 -> +0) into segment f of every peer at our slot
+//   load      : our row (the input, or the MoE prologue's sum), sanitised (-0 -> +0)
+//   push      : the row into segment f of every peer at our slot
 //               [rank*L + row]; our own slot is never written: we sum our sanitised registers
 //   clear     : the first c packs of our segment (f+2)%3 (the previous call's) get the sentinel
 //   pull      : each peer's pack from our segment f (bounded wait; a peer that announced this
@@ -37,12 +38,7 @@ __global__ void __launch_bounds__(kFusionMaxThreads, 1)
 
   // push
   Row<T, kPacks> mine;
-#pragma unroll
-  for (int j = 0; j < kPacks; ++j) {
-    if (Row<T, kPacks>::has(j, packs)) {
-      mine.v[j] = lamport_sanitize(load_pack<T>(a.input, row + Row<T, kPacks>::index(j)));
-    }
-  }
+  load_input<kPattern>(mine, a, token);
 #pragma unroll
   for (int d = 1; d < kRankSlots<kWorld>; ++d) {
     if (d >= world) break;

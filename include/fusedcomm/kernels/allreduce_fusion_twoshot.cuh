@@ -27,6 +27,7 @@ namespace fusedcomm {
 template <typename T, int kWorld, int kPattern, int kPacks>
 __global__ void __launch_bounds__(kFusionMaxThreads, 1)
     allreduce_fusion_twoshot(const __grid_constant__ FusionArgs a) {
+  static_assert(!PatternTraits<kPattern>::kMoe, "the MoE fusions run one-shot only");
   const FusionCall call = begin_call<kWorld>(a);
   FusionShared& s = *call.s;
   if (s.dead) return;

@@ -17,7 +17,7 @@ from .spec import JitSpec, Unit
 
 # Compile units of kernels per module: the rows of kFusionPartPatterns (the control module's
 # describe() reports the same number; a test holds the two together).
-KERNEL_PARTS = 4
+KERNEL_PARTS = 5
 
 # What engines use: built ahead of time by default.
 DEFAULT_CONFIGS = tuple(("bf16", w) for w in (2, 4, 8))
@@ -25,7 +25,11 @@ DEFAULT_CONFIGS = tuple(("bf16", w) for w in (2, 4, 8))
 
 @functools.cache
 def control_spec() -> JitSpec:
-    return JitSpec(name="allreduce_fusion", units=(Unit("allreduce_fusion.cu"),), host_only=True)
+    return JitSpec(
+        name="allreduce_fusion",
+        units=(Unit("allreduce_fusion.cu"), Unit("allreduce_fusion_moe.cu")),
+        host_only=True,
+    )
 
 
 @functools.cache

@@ -248,6 +248,50 @@ def launch(call: FusionCall) -> None:
     )
 
 
+def launch_moe(call) -> None:
+    """Run one MoE fusion (pattern 6 or 7; ``call`` is an ``ops.moe_fusion.MoeFusionCall``)
+    on the current stream: the prologue's rows are all-reduced one-shot over the workspace."""
+    block = _block_for(call.workspace_ptrs)
+    block.failure.check("moe_allreduce_fusion")
+    c = call
+    _control().allreduce_fusion_moe_launch(
+        c.pattern,
+        c.workspace_ptrs,
+        c.token_num,
+        c.hidden_dim,
+        c.world_size,
+        c.rank,
+        block.ptr,
+        block.segment_bytes,
+        block.failure.claim_ptr,
+        block.failure.record_device_ptr,
+        block.timeout_s,
+        bool(c.launch_with_pdl),
+        c.residual_in,
+        c.rms_gamma,
+        c.norm_out,
+        float(c.rms_eps),
+        float(c.weight_bias),
+        c.residual_out,
+        c.allreduce_out,
+        c.quant_out,
+        c.scale_out,
+        float(c.scale_factor),
+        int(c.layout_code),
+        int(c.num_experts),
+        c.scale_input,
+        c.active_experts_token_input,
+        c.token_input,
+        c.allreduce_in,
+        c.expanded_idx_to_permuted_idx,
+        c.expert_scale_factor,
+        c.shared_expert_output,
+        float(c.routed_scaling_factor),
+        int(c.top_k),
+        _launcher(c.residual_in.dtype, c.world_size),
+    )
+
+
 def new_control_block(
     device: int, segment_bytes: int, comm_bytes: int, timeout_s: float | None
 ) -> ControlBlock:

@@ -30,6 +30,7 @@ from ..runtime.fusion_workspace import (
 )
 from . import _fusion_launch
 from ._register import register_op, tracing
+from .moe_fusion import moe_unified_call
 
 __all__ = ["allreduce_fusion", "trtllm_allreduce_fusion"]
 
@@ -79,13 +80,6 @@ _TENSOR_ARGS = (
 _SLOT = {name: i for i, name in enumerate(_TENSOR_ARGS)}
 _KEEP = {p: tuple(k in needs for k in _TENSOR_ARGS) for p, needs in _NEEDS.items()}
 _CALL_NAMES = ("world_size", "world_rank", "token_num")  # as check_group_shape reports them
-
-
-def _later_issue(op: str, pattern: int) -> NotImplementedError:
-    return NotImplementedError(
-        f"{op}: {pattern_name(pattern)} (the MoE fusions) is not available yet; patterns "
-        "0-5 and 8-11 are"
-    )
 
 
 def _pattern_arg(op: str, pattern: Any) -> int:
@@ -384,8 +378,6 @@ def _fused_call(
     sf = None
     if pattern in _STATIC_FP8 or pattern in _NVFP4:
         sf = _scale_factor_tensor(op, scale_factor, x.device)
-    if pattern in _MOE:
-        raise _later_issue(op, pattern)
     group = None if block_quant_group_size is None else int(block_quant_group_size)
     workspace_ptrs, world_size, rank, token_num, hidden_dim = where
     args = (
@@ -488,10 +480,10 @@ def trtllm_allreduce_fusion(
         _deprecated_once(op, "allreduce_fusion")
     pattern = _pattern_arg(op, pattern_code)
     if pattern in _MOE:
-        raise NotImplementedError(
-            f"{op}: {pattern_name(pattern)} runs through "
-            "trtllm_moe_allreduce_fusion / "
-            "trtllm_moe_finalize_allreduce_fusion, not available yet"
+        raise ValueError(
+            f"{op}: {pattern_name(pattern)} takes the MoE inputs: call "
+            "trtllm_moe_allreduce_fusion / trtllm_moe_finalize_allreduce_fusion (or "
+            "allreduce_fusion) instead"
         )
     if metadata is not None and isinstance(allreduce_in, torch.Tensor):
         problems = metadata_problems(
@@ -506,19 +498,6 @@ def trtllm_allreduce_fusion(
     tensors = (allreduce_out, residual_in, residual_out, norm_out, quant_out, scale_out, rms_gamma)
     scalars = (rms_eps, scale_factor, layout_code, block_quant_group_size, weight_bias)
     _fused_call(op, pattern, allreduce_in, where, flags, tensors, scalars)
-
-
-_MOE_NEEDS = {
-    _P.kMoEReductionARResidualRMSNorm: (
-        "moe_reduction_device_num_experts",
-        "moe_reduction_scale_input",
-        "moe_reduction_active_experts_token_input",
-        "moe_reduction_token_input",
-        "residual_in",
-        "rms_gamma",
-    ),
-    _P.kMoEFinalizeARResidualRMSNorm: ("expanded_idx_to_permuted_idx", "residual_in", "rms_gamma"),
-}
 
 
 def allreduce_fusion(
@@ -588,19 +567,35 @@ def allreduce_fusion(
         raise ValueError(f"{op}: the workspace has been destroyed")
     pattern = _pattern_arg(op, pattern)
     if pattern in _MOE:
-        given = {
-            "moe_reduction_device_num_experts": moe_reduction_device_num_experts,
-            "moe_reduction_scale_input": moe_reduction_scale_input,
-            "moe_reduction_active_experts_token_input": moe_reduction_active_experts_token_input,
-            "moe_reduction_token_input": moe_reduction_token_input,
-            "expanded_idx_to_permuted_idx": expanded_idx_to_permuted_idx,
-            "residual_in": residual_in,
-            "rms_gamma": rms_gamma,
-        }
-        for name in _MOE_NEEDS[pattern]:
-            if given[name] is None:
-                raise ValueError(f"{op}: {pattern_name(pattern)} needs {name}")
-        raise _later_issue(op, pattern)
+        return moe_unified_call(
+            op,
+            input,
+            workspace,
+            pattern,
+            launch_with_pdl=launch_with_pdl,
+            trigger_completion_at_end=trigger_completion_at_end,
+            output=output,
+            residual_out=residual_out,
+            norm_out=norm_out,
+            quant_out=quant_out,
+            scale_out=scale_out,
+            residual_in=residual_in,
+            rms_gamma=rms_gamma,
+            rms_eps=rms_eps,
+            scale_factor=scale_factor,
+            layout_code=layout_code,
+            use_oneshot=use_oneshot,
+            fp32_acc=fp32_acc,
+            moe_reduction_device_num_experts=moe_reduction_device_num_experts,
+            moe_reduction_scale_input=moe_reduction_scale_input,
+            moe_reduction_active_experts_token_input=moe_reduction_active_experts_token_input,
+            moe_reduction_token_input=moe_reduction_token_input,
+            expanded_idx_to_permuted_idx=expanded_idx_to_permuted_idx,
+            expert_scale_factor=expert_scale_factor,
+            shared_expert_output=shared_expert_output,
+            block_quant_group_size=block_quant_group_size,
+            weight_bias=weight_bias,
+        )
     _is_tensor(op, "input", input)
     if input.dim() != 2:
         raise ValueError(

@@ -7,6 +7,7 @@ operation, so a kernel that promises the same order can be compared with ``torch
 - :func:`all_reduce`: fp32 sum in ascending rank order, one final rounding.
 - :mod:`.fusion`: residual add, RMSNorm and the FP8 quantisers of the fused patterns.
 - :mod:`.quant`: NVFP4, E2M1, the scale-factor layouts, UE8M0 and per-token-group FP8.
+- :mod:`.moe`: the MoE prologues (reduction, finalize) and the MoE fusions built on them.
 """
 
 from .allreduce import all_reduce
@@ -18,6 +19,7 @@ from .fusion import (
     quantize_fp8_static,
     residual_rms_norm,
 )
+from .moe import moe_allreduce_fusion_reference, moe_finalize, moe_reduction
 from .quant import (
     compute_fp4_swizzled_layout_sf_size,
     dequantize_fp8_per_token_group,
@@ -49,6 +51,9 @@ __all__ = [
     "e2m1_encode",
     "fp8_e4m3",
     "fusion_all_reduce",
+    "moe_allreduce_fusion_reference",
+    "moe_finalize",
+    "moe_reduction",
     "pack_e2m1",
     "pack_ue8m0_scales",
     "quantize_fp8_dynamic",
