@@ -112,6 +112,15 @@ inline void nvfp4_outputs(FusionArgs& a, const char* op, const OptTensor& quant_
   a.scale_out = bytes_of(scale_out, "scale_out", layout.bytes(token_num), -1, c.device, 1, op);
 }
 
+// Blocks per token of a MoE call: up to 8 while the call has few tokens (a block per token
+// alone would read every expert row of its token), never more than the row has packs.
+inline int moe_split(int64_t token_num, int64_t row_packs) {
+  int64_t split = token_num >= 64 ? 1 : 64 / token_num;
+  if (split > 8) split = 8;
+  if (split > row_packs) split = row_packs;
+  return static_cast<int>(split < 1 ? 1 : split);
+}
+
 // Fills the fields every call shares and launches on the current stream. A one-shot plan must
 // fit the Lamport segment (the planner falls back to two-shot otherwise), a two-shot plan the
 // comm buffer; `oneshot_only` patterns refuse the fallback.
@@ -123,8 +132,13 @@ inline void launch_call(const char* op, FusionArgs& a, int pattern, const CallSh
                         bool oneshot_only = false) {
   DeviceScope scope(c.device, op);
   cudaStream_t stream = stream_for(c.device);
-  const FusionPlan plan = plan_fusion(token_num, hidden, static_cast<int>(c.elem),
-                                      static_cast<int>(world), segment_bytes, algorithm);
+  FusionPlan plan = plan_fusion(token_num, hidden, static_cast<int>(c.elem),
+                                static_cast<int>(world), segment_bytes, algorithm);
+  a.moe_split = 1;
+  if (oneshot_only) {  // the MoE prologue reads many rows per token: spread it over blocks
+    a.moe_split = moe_split(token_num, hidden * c.elem / 16);
+    plan.blocks = static_cast<int>(token_num * a.moe_split);
+  }
   const int64_t bytes = token_num * hidden * c.elem;
   FC_CHECK_VALUE(!oneshot_only || plan.algorithm == kFusionOneshot, op)
       << "the call (" << token_num << " x " << hidden << ") needs " << world * bytes

@@ -20,7 +20,7 @@ from fusedcomm.enums import AllReduceFusionPattern as P
 from fusedcomm.enums import QuantizationSFLayout as L
 from fusedcomm.reference import quant as rq
 from fusedcomm.reference.fusion import fusion_all_reduce, residual_rms_norm
-from fusedcomm.testing.dist import run_ranks
+from fusedcomm.testing.dist import gather_all, run_ranks, same_on_every_rank
 
 MAX_TOKENS, MAX_HIDDEN = 1000, 7168
 TOKENS = (1, 5, 128, 129, 1000)
@@ -38,17 +38,6 @@ WORD_POISON = 0x5A5A5A5A
 TWIN = {P.kARResidualRMSNormFP4Quant: P.kARResidualRMSNormOutFP4Quant,
         P.kARResidualRMSNormPerTokenGroupFP8PackedQuant:
         P.kARResidualRMSNormOutPerTokenGroupFP8PackedQuant}  # fmt: skip
-
-
-def _gathered(t):
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.contiguous())
-    return parts
-
-
-def _same_on_every_rank(t):
-    raw = t.contiguous().view(torch.uint8)
-    return all(torch.equal(raw, p) for p in _gathered(raw))
 
 
 def _inputs(case, rank, n, d, dtype):
@@ -168,7 +157,7 @@ def _check_case(ws, case, rank, world, pattern, n, d, layout, g, dtype, failures
     if not torch.equal(scales[pattern], scales[TWIN[pattern]]):
         failures.append(f"{what}: scale_out differs from its twin's")
     # 3. the reference chain from the inputs: exact residual, quant codes up to rounding ties
-    xs = _gathered(x)
+    xs = gather_all(x)
     ref_res, ref_norm = residual_rms_norm(fusion_all_reduce(xs), residual, gamma, 1e-6)
     if not torch.equal(outs[pattern]["residual_out"], ref_res):
         failures.append(f"{what}: residual_out is not the exact reference")
@@ -178,7 +167,7 @@ def _check_case(ws, case, rank, world, pattern, n, d, layout, g, dtype, failures
         failures.append(f"{what}: {differ:.4f} of the quant bytes differ from the reference chain")
     # 4. every rank holds the same bits
     for name, t in [*outs[pattern].items(), ("scales", scales[pattern])]:
-        if not _same_on_every_rank(t):
+        if not same_on_every_rank(t):
             failures.append(f"{what}: ranks disagree on {name}")
 
 
@@ -245,7 +234,7 @@ def _rank_graph(rank, world):
                 failures.append(f"replay {step}: quant_out")
             if not torch.equal(out["scale_out"], want_sf):
                 failures.append(f"replay {step}: scale_out")
-            ref_res, _ = residual_rms_norm(fusion_all_reduce(_gathered(x)), residual, gamma, 1e-6)
+            ref_res, _ = residual_rms_norm(fusion_all_reduce(gather_all(x)), residual, gamma, 1e-6)
             if not torch.equal(out["residual_out"], ref_res):
                 failures.append(f"replay {step}: residual_out")
     finally:

@@ -15,7 +15,7 @@ from fusedcomm.enums import AllReduceFusionPattern as P
 from fusedcomm.enums import QuantizationSFLayout as L
 from fusedcomm.reference import quant as rq
 from fusedcomm.reference.moe import moe_allreduce_fusion_reference
-from fusedcomm.testing.dist import run_ranks
+from fusedcomm.testing.dist import gather_all, run_ranks, same_on_every_rank
 
 MAX_TOKENS, MAX_HIDDEN = 256, 7168
 TOKENS = (1, 5, 128, MAX_TOKENS)
@@ -25,17 +25,6 @@ TOP_K = (1, 2, 4, 8)
 LAYOUTS = (L.SWIZZLED_128x4, L.LINEAR, L.SWIZZLED_8x4)
 SF_POISON = 0xC3
 TOL = {torch.float16: 2.0**-9, torch.bfloat16: 2.0**-7}
-
-
-def _gathered(t):
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.contiguous())
-    return parts
-
-
-def _same_on_every_rank(t):
-    raw = t.contiguous().view(torch.uint8)
-    return all(torch.equal(raw, p) for p in _gathered(raw))
 
 
 def _workspace(world, rank, dtype, max_tokens=MAX_TOKENS, hidden=MAX_HIDDEN):
@@ -107,7 +96,7 @@ def _compare(what, got, ref, dtype, quant, scale, layout, failures):
         if not torch.equal(got["scale_out"], rq.write_scale_factors(sf, layout, poison=SF_POISON)):
             failures.append(f"{what}: scale_out differs from the reference of norm_out")
     for name, t in got.items():
-        if not _same_on_every_rank(t):
+        if not same_on_every_rank(t):
             failures.append(f"{what}: ranks disagree on {name}")
 
 
@@ -124,8 +113,8 @@ def _reduction_case(ws, case, rank, world, n, d, e, dtype, failures):
     )  # fmt: skip
     ref = moe_allreduce_fusion_reference(
         P.kMoEReductionARResidualRMSNorm, residual, gamma,
-        active_experts_token_input=_gathered(x["active"]), scale_input=_gathered(x["scale"]),
-        token_input=_gathered(x["token"]), quantize=quant, scale_factor=scale,
+        active_experts_token_input=gather_all(x["active"]), scale_input=gather_all(x["scale"]),
+        token_input=gather_all(x["token"]), quantize=quant, scale_factor=scale,
         layout_code=layout, sf_poison=SF_POISON,
     )  # fmt: skip
     what = f"pattern 6 n={n} d={d} experts={e} quant={quant}"
@@ -144,7 +133,7 @@ def _finalize_case(ws, case, rank, world, n, d, k, dtype, failures):
         out.get("quant_out"), out.get("scale_out"), ws.workspace_tensor, case % 3 == 1, rank,
         world, 1e-6, x["shared"], x["weights"], rsf, scale_factor=scale, layout_code=layout,
     )  # fmt: skip
-    gather = _gathered
+    gather = gather_all
     ref = moe_allreduce_fusion_reference(
         P.kMoEFinalizeARResidualRMSNorm, residual, gamma,
         allreduce_in=gather(x["permuted"]), expanded_idx_to_permuted_idx=gather(x["idx"]),
@@ -222,10 +211,10 @@ def _rank_graph_and_compile(rank, world):
                 torch.cuda.synchronize()
                 ref = moe_allreduce_fusion_reference(
                     P.kMoEFinalizeARResidualRMSNorm, residual, gamma,
-                    allreduce_in=_gathered(x["permuted"]),
-                    expanded_idx_to_permuted_idx=_gathered(x["idx"]),
-                    expert_scale_factor=_gathered(x["weights"]),
-                    shared_expert_output=_gathered(x["shared"]),
+                    allreduce_in=gather_all(x["permuted"]),
+                    expanded_idx_to_permuted_idx=gather_all(x["idx"]),
+                    expert_scale_factor=gather_all(x["weights"]),
+                    shared_expert_output=gather_all(x["shared"]),
                 )  # fmt: skip
                 _compare(f"{mode} replay {step}", out, ref, dtype, False, 0, 0, failures)
     finally:

@@ -3,7 +3,7 @@
 // For group k of g consecutive values of row t (g > 0 divides hidden; any g, also groups that
 // straddle or share a 16-byte pack):
 //   a = max |y_j| over the group;  s = max(a / 448, 1e-10) rounded up to a power of two
-//   q_j = e4m3(clamp(y_j / s, -448, 448))       (exact division by a power of two)
+//   q_j = e4m3(clamp(y_j / s, -448, 448))       (y_j times the exact inverse of s)
 //   byte k%4 of word (k/4)*M + t of scale_out = bits(s) >> 23      (PackedUe8m0)
 // Unused bytes of a row's last word are 0; the block of the last token also writes 0 into the
 // padding rows [N, M) of every word column but the last (which lies outside the storage).
@@ -39,6 +39,10 @@ __device__ __forceinline__ void for_each_group_elem(int idx, int group, F&& f) {
 __device__ __forceinline__ float round_up_pow2(float s) {
   const uint32_t b = __float_as_uint(s);
   return (b & 0x7fffffu) ? __uint_as_float((b & 0x7f800000u) + 0x800000u) : s;
+}
+// 1 / s for a power of two s in the normal range, exact (so y * (1/s) is y / s, rounded once).
+__device__ __forceinline__ float pow2_inverse(float s) {
+  return __uint_as_float((254u << 23) - (__float_as_uint(s) & 0x7f800000u));
 }
 }  // namespace detail
 
@@ -90,8 +94,8 @@ struct QuantFp8Group {
     }
     row.for_each_pack(packs, [&](int j, float (&y)[kElems]) {
       const int idx = Row<T, kPacks>::index(j);
-      detail::for_each_group_elem<kElems>(idx, group,
-                                          [&](int e, int k) { y[e] = __fdiv_rn(y[e], scale[k]); });
+      detail::for_each_group_elem<kElems>(
+          idx, group, [&](int e, int k) { y[e] *= detail::pow2_inverse(scale[k]); });
       detail::store_e4m3<kElems>(out, base + idx, y);
     });
   }

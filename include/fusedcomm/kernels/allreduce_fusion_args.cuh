@@ -108,6 +108,7 @@ struct FusionArgs {
   float global_scale;               // the NVFP4 global scale when scale_factor is null (6, 7)
   MoeReductionInput moe_reduction;  // pattern 6
   MoeFinalizeInput moe_finalize;    // pattern 7
+  int32_t moe_split;                // blocks per token of a MoE call (1 = one)
   int64_t token_num;
   int64_t segment_bytes;
   int32_t row_packs;  // hidden * sizeof(T) / 16

@@ -31,6 +31,7 @@ __global__ void __launch_bounds__(kFusionMaxThreads, 1)
   const FusionCall call = begin_call<kWorld>(a);
   FusionShared& s = *call.s;
   if (s.dead) return;
+  const float qscale = quant_scale<kPattern>(a);  // loaded now: its latency hides behind staging
   const int world = call.world, rank = call.rank, packs = call.packs;
   const int64_t slot_packs = call.slot_packs;  // L in packs
   const int64_t first_row = blockIdx.x, row_stride = gridDim.x;
@@ -79,7 +80,6 @@ __global__ void __launch_bounds__(kFusionMaxThreads, 1)
   }
 
   // epilogue, one row at a time in registers
-  const float qscale = quant_scale<kPattern>(a);
   for (int64_t t = first_row; t < a.token_num; t += row_stride) {
     Row<T, kPacks> row;
 #pragma unroll

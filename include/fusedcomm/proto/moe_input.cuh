@@ -1,7 +1,8 @@
 // MoE prologues: the row each rank all-reduces in the MoE fusions (patterns 6 and 7).
 //
-// Contract: input.load<T, kPacks>(row, packs, token, token_num) fills row.v[j] for every slot j
-// inside the row (Row::has) with `token`'s prologue result, rounded to T after every step
+// Contract: input.compute_pack<T>(token, token_num, packs, pack) returns pack `pack` of `token`'s
+// prologue result, and input.load<T, kPacks>(row, packs, token, token_num) fills row.v[j] for
+// every slot j inside the row (Row::has) with it, rounded to T after every step
 // (rd = round to nearest even; products and sums in fp32 on the T values), exactly as
 // fusedcomm.reference.moe computes it. Tensors are contiguous, rows of `packs` 16-byte packs.
 //
@@ -18,7 +19,7 @@
 //     if shared: acc = rd(acc + shared[t])
 //   An idx entry is -1 (skipped) or a row of `permuted`: the caller's contract, not checked
 //   here; every negative entry is skipped.
-// Both fetch a few rows ahead (kMoeChunk) so that their loads overlap; the sums keep the order.
+// Both fetch kMoeAhead rows ahead so that their loads overlap; the sums keep the order.
 #pragma once
 #include "fusedcomm/proto/row.cuh"
 
@@ -26,54 +27,32 @@ namespace fusedcomm {
 
 namespace detail {
 
-// Rows fetched ahead per round of a prologue: kChunk rows of kPacks packs are loaded before any
-// is summed, so their latencies overlap (the sum itself stays in the specified order).
-template <int kPacks>
-constexpr int kMoeChunk = kPacks >= 8 ? 1 : 8 / kPacks;
+// Rows fetched ahead per round of a prologue: their loads are in flight together (the sum
+// itself keeps the specified order).
+constexpr int kMoeAhead = 8;
 
-// Every slot of the row set to +0.0 (all-zero bits in fp16 and bf16).
-template <typename T, int kPacks>
-__device__ __forceinline__ void zero_row(Row<T, kPacks>& row) {
+// acc = rd(acc + x), or rd(acc + rd(x * s)) when kScaled; acc holds values of T as floats.
+template <bool kScaled, typename T>
+__device__ __forceinline__ void add_rounded(float (&acc)[Pack<T>::kElems], const Pack<T>& x,
+                                            float s = 1.0f) {
+  float v[Pack<T>::kElems];
+  unpack_to(x, v);
 #pragma unroll
-  for (int j = 0; j < kPacks; ++j) row.v[j].raw = make_uint4(0u, 0u, 0u, 0u);
-}
-
-// x = the row's slots of src[base + ...]
-template <typename T, int kPacks>
-__device__ __forceinline__ void fetch_row(Pack<T> (&x)[kPacks], int packs, const void* src,
-                                          int64_t base) {
-#pragma unroll
-  for (int j = 0; j < kPacks; ++j) {
-    if (Row<T, kPacks>::has(j, packs)) x[j] = load_pack<T>(src, base + Row<T, kPacks>::index(j));
+  for (int i = 0; i < Pack<T>::kElems; ++i) {
+    const float term = kScaled ? to_float(from_float<T>(v[i] * s)) : v[i];
+    acc[i] = to_float(from_float<T>(acc[i] + term));
   }
 }
 
-// row = rd(row + x), or row = rd(row + rd(x * s)) when kScaled
-template <bool kScaled, typename T, int kPacks>
-__device__ __forceinline__ void add_row(Row<T, kPacks>& row, int packs, const Pack<T> (&x)[kPacks],
-                                        float s = 1.0f) {
-  row.for_each_pack(packs, [&](int j, float (&acc)[Pack<T>::kElems]) {
-    if constexpr (kScaled) {
-      float v[Pack<T>::kElems];
-      unpack_to(x[j], v);
+// row.v[j] = input.compute_pack(...) for every slot j inside the row
+template <typename Input, typename T, int kPacks>
+__device__ __forceinline__ void load_row(const Input& input, Row<T, kPacks>& row, int packs,
+                                         int64_t token, int64_t token_num) {
 #pragma unroll
-      for (int i = 0; i < Pack<T>::kElems; ++i) v[i] *= s;
-      accumulate(acc, pack_from<T>(v));  // the product is rounded to T before the sum
-    } else {
-      accumulate(acc, x[j]);
-    }
-    row.v[j] = pack_from<T>(acc);
-  });
-}
-
-// row = rd(row * s)
-template <typename T, int kPacks>
-__device__ __forceinline__ void scale_row(Row<T, kPacks>& row, int packs, float s) {
-  row.for_each_pack(packs, [&](int j, float (&acc)[Pack<T>::kElems]) {
-#pragma unroll
-    for (int i = 0; i < Pack<T>::kElems; ++i) acc[i] *= s;
-    row.v[j] = pack_from<T>(acc);
-  });
+  for (int j = 0; j < kPacks; ++j) {
+    const int i = Row<T, kPacks>::index(j);
+    if (i < packs) row.v[j] = input.template compute_pack<T>(token, token_num, packs, i);
+  }
 }
 
 }  // namespace detail
@@ -84,30 +63,36 @@ struct MoeReductionInput {
   const void* token_input;  // [token_num, D] T
   int32_t num_experts;
 
-  template <typename T, int kPacks>
-  __device__ __forceinline__ void load(Row<T, kPacks>& row, int packs, int64_t token,
-                                       int64_t token_num) const {
-    constexpr int kChunk = detail::kMoeChunk<kPacks>;
-    detail::zero_row(row);
-    for (int e0 = 0; e0 < num_experts; e0 += kChunk) {
-      Pack<T> x[kChunk][kPacks];
-      float s[kChunk];
+  // Pack `pack` of `token`'s result (rows of `packs` packs).
+  template <typename T>
+  __device__ __forceinline__ Pack<T> compute_pack(int64_t token, int64_t token_num, int packs,
+                                                  int pack) const {
+    constexpr int kAhead = detail::kMoeAhead;
+    float acc[Pack<T>::kElems] = {};
+    for (int e0 = 0; e0 < num_experts; e0 += kAhead) {
+      Pack<T> x[kAhead];
+      float s[kAhead];
 #pragma unroll
-      for (int c = 0; c < kChunk; ++c) {
+      for (int c = 0; c < kAhead; ++c) {
         if (e0 + c >= num_experts) break;
         const int64_t slot = (e0 + c) * token_num + token;
         s[c] = scales[slot];
-        detail::fetch_row(x[c], packs, experts, slot * packs);
+        x[c] = load_pack<T>(experts, slot * packs + pack);
       }
 #pragma unroll
-      for (int c = 0; c < kChunk; ++c) {
+      for (int c = 0; c < kAhead; ++c) {
         if (e0 + c >= num_experts) break;
-        detail::add_row<true>(row, packs, x[c], s[c]);
+        detail::add_rounded<true>(acc, x[c], s[c]);
       }
     }
-    Pack<T> t[kPacks];
-    detail::fetch_row(t, packs, token_input, token * packs);
-    detail::add_row<false>(row, packs, t);
+    detail::add_rounded<false>(acc, load_pack<T>(token_input, token * packs + pack));
+    return pack_from<T>(acc);
+  }
+
+  template <typename T, int kPacks>
+  __device__ __forceinline__ void load(Row<T, kPacks>& row, int packs, int64_t token,
+                                       int64_t token_num) const {
+    detail::load_row(*this, row, packs, token, token_num);
   }
 };
 
@@ -119,43 +104,51 @@ struct MoeFinalizeInput {
   float routed_scaling;
   int32_t top_k;
 
-  template <typename T, int kPacks>
-  __device__ __forceinline__ void load(Row<T, kPacks>& row, int packs, int64_t token,
-                                       int64_t token_num) const {
+  template <typename T>
+  __device__ __forceinline__ Pack<T> compute_pack(int64_t token, int64_t token_num, int packs,
+                                                  int pack) const {
     (void)token_num;  // rows of idx are top_k long; every other tensor is indexed by token
-    constexpr int kChunk = detail::kMoeChunk<kPacks>;
-    detail::zero_row(row);
+    constexpr int kAhead = detail::kMoeAhead;
     const T* weights = static_cast<const T*>(expert_scale);
-    for (int k0 = 0; k0 < top_k; k0 += kChunk) {
-      int32_t p[kChunk];
-      float w[kChunk];
+    float acc[Pack<T>::kElems] = {};
+    for (int k0 = 0; k0 < top_k; k0 += kAhead) {
+      int32_t p[kAhead];
+      float w[kAhead];
 #pragma unroll
-      for (int c = 0; c < kChunk; ++c) {
+      for (int c = 0; c < kAhead; ++c) {
         const int64_t at = token * top_k + k0 + c;
         p[c] = k0 + c < top_k ? idx[at] : -1;
         w[c] = weights != nullptr && k0 + c < top_k ? to_float(weights[at]) : 1.0f;
       }
-      Pack<T> x[kChunk][kPacks];
+      Pack<T> x[kAhead];
 #pragma unroll
-      for (int c = 0; c < kChunk; ++c) {
-        if (p[c] >= 0) detail::fetch_row(x[c], packs, permuted, int64_t(p[c]) * packs);
+      for (int c = 0; c < kAhead; ++c) {
+        if (p[c] >= 0) x[c] = load_pack<T>(permuted, int64_t(p[c]) * packs + pack);
       }
 #pragma unroll
-      for (int c = 0; c < kChunk; ++c) {
+      for (int c = 0; c < kAhead; ++c) {
         if (p[c] < 0) continue;
         if (weights != nullptr) {
-          detail::add_row<true>(row, packs, x[c], w[c]);
+          detail::add_rounded<true>(acc, x[c], w[c]);
         } else {
-          detail::add_row<false>(row, packs, x[c]);
+          detail::add_rounded<false>(acc, x[c]);
         }
       }
     }
-    if (routed_scaling != 1.0f) detail::scale_row(row, packs, routed_scaling);
-    if (shared != nullptr) {
-      Pack<T> t[kPacks];
-      detail::fetch_row(t, packs, shared, token * packs);
-      detail::add_row<false>(row, packs, t);
+    if (routed_scaling != 1.0f) {
+#pragma unroll
+      for (int i = 0; i < Pack<T>::kElems; ++i)
+        acc[i] = to_float(from_float<T>(acc[i] * routed_scaling));
     }
+    if (shared != nullptr)
+      detail::add_rounded<false>(acc, load_pack<T>(shared, token * packs + pack));
+    return pack_from<T>(acc);
+  }
+
+  template <typename T, int kPacks>
+  __device__ __forceinline__ void load(Row<T, kPacks>& row, int packs, int64_t token,
+                                       int64_t token_num) const {
+    detail::load_row(*this, row, packs, token, token_num);
   }
 };
 

@@ -30,6 +30,7 @@ COLUMNS = (
     "nccl_graph",
     "fused_eager",
     "fused_graph",
+    "fused_fp32acc_graph",
     "fp8_graph",
     "unfused_eager",
     "unfused_graph",
@@ -70,7 +71,7 @@ def bench_rank(rank: int, world: int, tokens=TOKENS, hidden: int = HIDDEN) -> li
             def ar():
                 allreduce_fusion(input=x, workspace=ws, pattern=P.kAllReduce, output=out)
 
-            def fused():
+            def fused(fp32_acc=False):  # fp32_acc=True: the deterministic setting
                 allreduce_fusion(
                     input=x,
                     workspace=ws,
@@ -81,6 +82,7 @@ def bench_rank(rank: int, world: int, tokens=TOKENS, hidden: int = HIDDEN) -> li
                     rms_gamma=gamma,
                     rms_eps=1e-6,
                     launch_with_pdl=True,
+                    fp32_acc=fp32_acc,
                 )
 
             def fp8():
@@ -113,6 +115,7 @@ def bench_rank(rank: int, world: int, tokens=TOKENS, hidden: int = HIDDEN) -> li
             row["ar_eager"], row["ar_graph"] = _timed(ar, iters)
             row["nccl_eager"], row["nccl_graph"] = _timed(nccl, iters)
             row["fused_eager"], row["fused_graph"] = _timed(fused, iters)
+            row["fused_fp32acc_graph"] = _timed(lambda: fused(True), iters)[1]
             row["fp8_graph"] = _timed(fp8, iters)[1]
             row["unfused_eager"], row["unfused_graph"] = _timed(unfused, iters)
             ref = x.clone()

@@ -32,8 +32,10 @@ __all__ = [
     "RankFailure",
     "RankTimeout",
     "find_mpirun",
+    "gather_all",
     "mpirun_command",
     "run_ranks",
+    "same_on_every_rank",
 ]
 
 # Every rank gets these; NVLink multicast stays off in all our tests.
@@ -323,3 +325,24 @@ def mpirun_command(n: int, argv: Sequence[str]) -> list[str]:
     cmd += ["-n", str(n)]
     cmd += [str(a) for a in argv]
     return cmd
+
+
+# ---------------------------------------------------------------------------------------------
+# Inside ranks (torch.distributed initialised)
+
+
+def gather_all(t):
+    """Every rank's ``t`` (same shape and dtype everywhere), on ``t``'s device, by rank."""
+    import torch.distributed as dist
+
+    parts = [t.new_empty(t.shape) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return parts
+
+
+def same_on_every_rank(t) -> bool:
+    """Whether every rank holds the same bits in ``t`` (compared as raw bytes)."""
+    import torch
+
+    raw = t.contiguous().view(torch.uint8)
+    return all(torch.equal(raw, p) for p in gather_all(raw))
