@@ -7,6 +7,13 @@
 
 namespace fusedcomm {
 
+namespace {
+bool same_dtype(const ffi::TensorView& a, const ffi::TensorView& b) {
+  return a.dtype().code == b.dtype().code && a.dtype().bits == b.dtype().bits &&
+         a.dtype().lanes == b.dtype().lanes;
+}
+}  // namespace
+
 void allreduce_fusion_moe_launch(
     int64_t pattern, ffi::TensorView table, int64_t token_num, int64_t hidden, int64_t world,
     int64_t rank, int64_t control, int64_t segment_bytes, int64_t claim, int64_t record,
@@ -41,6 +48,14 @@ void allreduce_fusion_moe_launch(
   if (st.input == Input::kMoeReduction) {
     FC_CHECK_VALUE(num_experts >= 1, op)
         << "moe_reduction_device_num_experts (" << num_experts << ") must be >= 1";
+    FC_CHECK_TYPE(scale_input.has_value() && scale_input.value().dtype().code == kDLFloat &&
+                      scale_input.value().dtype().bits == 32,
+                  op)
+        << "moe_reduction_scale_input must be float32";
+    FC_CHECK_TYPE(experts.has_value() && same_dtype(experts.value(), residual_in) &&
+                      token_input.has_value() && same_dtype(token_input.value(), residual_in),
+                  op)
+        << "the MoE activations must have residual_in's dtype";
     MoeReductionInput& m = a.moe_reduction;
     m.num_experts = static_cast<int32_t>(num_experts);
     m.experts = rows_of(experts, "moe_reduction_active_experts_token_input", num_experts * numel,
@@ -56,7 +71,15 @@ void allreduce_fusion_moe_launch(
     FC_CHECK_VALUE(p.numel() % hidden == 0, op)
         << "allreduce_in has " << p.numel() << " elements, not rows of hidden_dim (" << hidden
         << ")";
+    FC_CHECK_TYPE(
+        idx.has_value() && idx.value().dtype().code == kDLInt && idx.value().dtype().bits == 32, op)
+        << "expanded_idx_to_permuted_idx must be int32";
+    FC_CHECK_TYPE(same_dtype(p, residual_in) &&
+                      (!expert_scale.has_value() || same_dtype(expert_scale.value(), residual_in)),
+                  op)
+        << "allreduce_in and expert_scale_factor must have residual_in's dtype";
     MoeFinalizeInput& m = a.moe_finalize;
+    m.rows = p.numel() / hidden;
     m.top_k = static_cast<int32_t>(top_k);
     m.routed_scaling = static_cast<float>(routed_scaling);
     m.permuted = rows_of(permuted, "allreduce_in", p.numel(), elem, device, true, op);

@@ -228,3 +228,61 @@ def test_moe_finalize_in_cuda_graphs_and_torch_compile(world_size):
     results = run_ranks(_rank_graph_and_compile, world_size, backend="nccl", timeout_s=600)
     failures = [f for r in results for f in r]
     assert not failures, "\n".join(failures[:20])
+
+
+class _DeviceWords:
+    """A device address seen as int32 words (``__cuda_array_interface__``), for poking the
+    control block in a test."""
+
+    def __init__(self, ptr, count):
+        self.__cuda_array_interface__ = {
+            "shape": (count,),
+            "typestr": "<i4",
+            "data": (ptr, False),
+            "version": 3,
+        }
+
+
+def _rank_call_number_wrap(rank, world):
+    """Split MoE calls (few tokens) across the call number's 24-bit wrap: the token's last
+    block waits on our own slot, which has no announcement to confuse with a peer's."""
+    from fusedcomm.ops import _fusion_launch
+
+    torch.cuda.set_device(rank)
+    dtype, n, d, e = torch.bfloat16, 1, 2048, 4
+    ws = _workspace(world, rank, dtype, max_tokens=64, hidden=d)
+    failures = []
+    try:
+        block = _fusion_launch._block_for(ws.workspace_tensor)
+        control = torch.as_tensor(_DeviceWords(block.ptr, 8), device="cuda")
+        control[1] = 2**24 - 3  # calls completed: the next calls cross 2^24
+        torch.cuda.synchronize()
+        dist.barrier()
+        residual, gamma = _shared(3, n, d, dtype)
+        for step in range(5):
+            x = _reduction_inputs(200 + step, rank, n, d, e, dtype)
+            out = _outputs(n, d, dtype, quant=False, layout=0)
+            comm.trtllm_moe_allreduce_fusion(
+                world, rank, n, d, ws.workspace_tensor, False, residual, gamma, 1e-6, 1.0, e,
+                x["scale"], x["active"], x["token"], 0, None, out["residual_out"],
+                out["norm_out"], None, None,
+            )  # fmt: skip
+            torch.cuda.synchronize()
+            ref = moe_allreduce_fusion_reference(
+                P.kMoEReductionARResidualRMSNorm, residual, gamma,
+                active_experts_token_input=gather_all(x["active"]),
+                scale_input=gather_all(x["scale"]), token_input=gather_all(x["token"]),
+            )  # fmt: skip
+            _compare(f"call {2**24 - 2 + step}", out, ref, dtype, False, 0, 0, failures)
+        comm.check_errors()
+    finally:
+        torch.cuda.synchronize()
+        ws.destroy()
+    return failures
+
+
+@pytest.mark.gpu(2)
+def test_split_moe_calls_across_the_call_number_wrap(world_size):
+    results = run_ranks(_rank_call_number_wrap, world_size, backend="nccl", timeout_s=300)
+    failures = [f for r in results for f in r]
+    assert not failures, "\n".join(failures[:20])

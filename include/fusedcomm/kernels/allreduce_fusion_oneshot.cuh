@@ -7,7 +7,7 @@
 //   load      : our row (the input, or the MoE prologue's sum), sanitised (-0 -> +0)
 //   push      : the row into segment f of every peer at our slot (MoE calls with few tokens:
 //               `split` blocks per token each compute a slice of the prologue and push it to
-//               every rank, ours included; only the token's first block goes on past clear)
+//               every rank, ours included; only the token's last block goes on past clear)
 //               [rank*L + row]; our own slot is never written: we sum our sanitised registers
 //   clear     : the first c packs of our segment (f+2)%3 (the previous call's) get the sentinel
 //   pull      : each peer's pack from our segment f (bounded wait; a peer that announced this
@@ -26,7 +26,7 @@
 namespace fusedcomm {
 
 // The MoE prologue of one slice of a token's row, pushed to every rank's segment f at our slot
-// (our own segment included: the token's first block pulls the whole row). Slice k of `split`
+// (our own segment included: the token's last block pulls the whole row). Slice k of `split`
 // covers packs [k*P/split, (k+1)*P/split).
 template <typename T, int kWorld, int kPattern>
 __device__ __forceinline__ void push_moe_slice(const FusionArgs& a, const FusionCall& call,
@@ -101,7 +101,9 @@ __global__ void __launch_bounds__(kFusionMaxThreads, 1)
       lamport_clear<float>(prev, i);  // fp32 sentinel words: empty for every element type
     }
   }
-  if (sliced && blockIdx.x % split != 0) {  // the token's first block does the rest
+  // the token's last block does the rest: the blocks it waits for were dispatched before it,
+  // so it never holds an SM that one of them needs
+  if (sliced && blockIdx.x % split != split - 1) {
     finish_call(a, s, /*oneshot=*/true, world * slot_packs);
     return;
   }

@@ -1,10 +1,11 @@
 // Where block-quantisation scales go: one layout object per scale buffer (§3.3, §3.5).
 //
-//   SfLayout         NVFP4 scale byte (row m, block column k), K = hidden / 16 columns:
+//   SfLayout         NVFP4 scale byte (row m, block column k), K = hidden / 16 columns,
+//                    Kt = ceil(K / 4):
 //                      LINEAR          m*K + k
-//                      SWIZZLED_128x4  (m/128)*Kt*512 + (k/4)*512 + (m%32)*16 + ((m%128)/32)*4 +
-//                      k%4 SWIZZLED_8x4    (m/8)*Kt*32 + (k/4)*32 + (m%8)*4 + k%4      (Kt =
-//                      ceil(K/4))
+//                      SWIZZLED_128x4  (m/128)*Kt*512 + (k/4)*512 + (m%32)*16
+//                                      + ((m%128)/32)*4 + k%4
+//                      SWIZZLED_8x4    (m/8)*Kt*32 + (k/4)*32 + (m%8)*4 + k%4
 //                    The swizzled layouts pad rows and columns to whole tiles; padding is never
 //                    written.
 //   PackedUe8m0      per-token-group FP8 exponents, four per int32: group k of row t is byte

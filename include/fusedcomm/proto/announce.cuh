@@ -4,7 +4,9 @@
 //                                                  workspace.cuh) into every peer's flags
 //   lamport_pull_announced(site, peer, phase, src, index, out, own_flags, word)
 //       lamport_pull (proto/lamport.cuh) that also reports kFailureMismatch when `peer` has
-//       announced the same call number with another algorithm (it will never write our cell)
+//       announced the same call number with another algorithm (it will never write our cell).
+//       Our own slot (peer == site.rank, filled by our own blocks) has no announcement: it is
+//       only waited for.
 // Announcements are relaxed stores: they carry no data, only "which call, which algorithm".
 #pragma once
 #include "fusedcomm/layout/fusion_workspace.cuh"
@@ -37,6 +39,7 @@ __device__ __forceinline__ bool lamport_pull_announced(const FailureSite& site, 
   return wait_until(site, peer, phase, word, [&](uint32_t& seen) {
     out.raw = ld_volatile_v4(cell);
     if (!lamport_has_empty(out)) return Poll::kReady;
+    if (peer == site.rank) return Poll::kWait;
     seen = flag_load<MemOrder::kRelaxed>(announced);
     return announced_other(seen, word) ? Poll::kMismatch : Poll::kWait;
   });

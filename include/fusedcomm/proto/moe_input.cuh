@@ -17,8 +17,9 @@
 //       acc = rd(acc + permuted[p])                            (otherwise)
 //     if routed_scaling != 1: acc = rd(acc * routed_scaling)
 //     if shared: acc = rd(acc + shared[t])
-//   An idx entry is -1 (skipped) or a row of `permuted`: the caller's contract, not checked
-//   here; every negative entry is skipped.
+//   An idx entry is -1 (skipped) or a row of `permuted`; an entry outside [0, rows) is
+//   skipped too, so a bad index never reads out of bounds (the frontend's check_indices option
+//   reports it instead).
 // Both fetch kMoeAhead rows ahead so that their loads overlap; the sums keep the order.
 #pragma once
 #include "fusedcomm/proto/row.cuh"
@@ -101,6 +102,7 @@ struct MoeFinalizeInput {
   const int32_t* idx;        // [token_num, top_k]
   const void* expert_scale;  // [token_num, top_k] T, or null
   const void* shared;        // [token_num, D] T, or null
+  int64_t rows;              // P
   float routed_scaling;
   int32_t top_k;
 
@@ -118,6 +120,7 @@ struct MoeFinalizeInput {
       for (int c = 0; c < kAhead; ++c) {
         const int64_t at = token * top_k + k0 + c;
         p[c] = k0 + c < top_k ? idx[at] : -1;
+        if (p[c] >= rows) p[c] = -1;
         w[c] = weights != nullptr && k0 + c < top_k ? to_float(weights[at]) : 1.0f;
       }
       Pack<T> x[kAhead];

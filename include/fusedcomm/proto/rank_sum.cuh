@@ -1,6 +1,6 @@
 // RankSum: the rank-ordered sum of one 16-byte pack over the ranks (§3.1).
 //
-//   RankSum<T> s(x_0); s.add(x_1); ...; s.add(x_{W-1}); Pack<T> r = s.result(fp32_acc);
+//   RankSum<T> s(x_0, fp32_acc); s.add(x_1); ...; s.add(x_{W-1}); Pack<T> r = s.result();
 // With fp32 accumulation (fp32_acc, or T = float) the sum is kept in fp32 and rounded to T
 // once; without it every partial sum is rounded to T (a <- rd_T(float(a) + float(x_q))).
 // Callers add ranks in ascending order, so every rank gets the same bits.
