@@ -154,9 +154,10 @@ TESTED: dict[str, tuple[str, str]] = {
     "vLLM custom all-reduce": ("sm_90a (H200)", "2"),
     "Communication backends": ("sm_90a (H200)", "2"),
     "TRT-LLM all-reduce enums": ("no GPU needed", "any"),
-    "TRT-LLM all-reduce ops": ("sm_90a (H200), patterns 0-5, 8-11", "2"),
+    "TRT-LLM all-reduce ops": ("sm_90a (H200), patterns 0-11", "2"),
     "TRT-LLM workspaces": ("sm_90a (H200)", "2"),
-    "Unified all-reduce fusion API": ("sm_90a (H200), patterns 0-5, 8-11", "2"),
+    "Unified all-reduce fusion API": ("sm_90a (H200), patterns 0-11", "2"),
+    "MoE all-to-all": ("no GPU needed (sizing and workspace views)", "any"),
 }
 
 

@@ -64,6 +64,10 @@ from .runtime.fusion_workspace import (
     trtllm_destroy_ipc_workspace_for_all_reduce,
     trtllm_destroy_ipc_workspace_for_all_reduce_fusion,
 )
+from .runtime.moe_a2a_workspace import (
+    moe_a2a_get_workspace_size_per_rank,
+    moe_a2a_wrap_payload_tensor_in_workspace,
+)
 from .warmup import warmup
 
 __all__ = [
@@ -106,6 +110,8 @@ __all__ = [
     "check_errors",
     "create_shared_buffer",
     "free_shared_buffer",
+    "moe_a2a_get_workspace_size_per_rank",
+    "moe_a2a_wrap_payload_tensor_in_workspace",
     "mpi_barrier",
     "pack_strided_memory",
     "trtllm_lamport_initialize",

@@ -8,6 +8,8 @@ operation, so a kernel that promises the same order can be compared with ``torch
 - :mod:`.fusion`: residual add, RMSNorm and the FP8 quantisers of the fused patterns.
 - :mod:`.quant`: NVFP4, E2M1, the scale-factor layouts, UE8M0 and per-token-group FP8.
 - :mod:`.moe`: the MoE prologues (reduction, finalize) and the MoE fusions built on them.
+- :mod:`.moe_a2a`: the MoE all-to-all (expert owners, dispatch, combine, sanitize), all ranks
+  at once.
 """
 
 from .allreduce import all_reduce
@@ -20,6 +22,17 @@ from .fusion import (
     residual_rms_norm,
 )
 from .moe import moe_allreduce_fusion_reference, moe_finalize, moe_reduction
+from .moe_a2a import (
+    COMBINE_PAIRWISE_TOP_K,
+    DispatchReference,
+    combine_reference,
+    combine_sum,
+    combine_sum_steps,
+    dispatch_reference,
+    expert_owner,
+    received_rows,
+    sanitize_reference,
+)
 from .quant import (
     compute_fp4_swizzled_layout_sf_size,
     dequantize_fp8_per_token_group,
@@ -42,13 +55,20 @@ from .quant import (
 )
 
 __all__ = [
+    "COMBINE_PAIRWISE_TOP_K",
+    "DispatchReference",
     "all_reduce",
     "allreduce_fusion_reference",
+    "combine_reference",
+    "combine_sum",
+    "combine_sum_steps",
     "compute_fp4_swizzled_layout_sf_size",
     "dequantize_fp8_per_token_group",
     "dequantize_nvfp4",
+    "dispatch_reference",
     "e2m1_decode",
     "e2m1_encode",
+    "expert_owner",
     "fp8_e4m3",
     "fusion_all_reduce",
     "moe_allreduce_fusion_reference",
@@ -61,8 +81,10 @@ __all__ = [
     "quantize_fp8_static",
     "quantize_nvfp4",
     "read_scale_factors",
+    "received_rows",
     "residual_rms_norm",
     "round_scale_up_to_pow2",
+    "sanitize_reference",
     "scale_factor_buffer_size",
     "scale_factor_offsets",
     "ue8m0_decode",
