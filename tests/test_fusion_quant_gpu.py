@@ -13,13 +13,14 @@ import itertools
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import fusedcomm as comm
+from fusedcomm.bench.workspace import lamport_workspace
 from fusedcomm.enums import AllReduceFusionPattern as P
 from fusedcomm.enums import QuantizationSFLayout as L
 from fusedcomm.reference import quant as rq
 from fusedcomm.reference.fusion import fusion_all_reduce, residual_rms_norm
+from fusedcomm.testing.checks import assert_no_failures
 from fusedcomm.testing.dist import gather_all, run_ranks, same_on_every_rank
 
 MAX_TOKENS, MAX_HIDDEN = 1000, 7168
@@ -173,15 +174,7 @@ def _check_case(ws, case, rank, world, pattern, n, d, layout, g, dtype, failures
 
 def _rank_quant(rank, world, dtype):
     torch.cuda.set_device(rank)
-    ws = comm.create_allreduce_fusion_workspace(
-        "trtllm",
-        world_size=world,
-        rank=rank,
-        max_token_num=MAX_TOKENS,
-        hidden_dim=MAX_HIDDEN,
-        dtype=dtype,
-        comm_backend=comm.TorchDistBackend(dist.group.WORLD),
-    )
+    ws = lamport_workspace(rank, world, MAX_TOKENS, MAX_HIDDEN, dtype)
     failures: list[str] = []
     try:
         for case, (pattern, n, d, layout, g) in enumerate(_cases()):
@@ -196,22 +189,13 @@ def _rank_quant(rank, world, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_block_quantisers_match_the_reference(world_size, dtype):
     results = run_ranks(_rank_quant, world_size, backend="nccl", timeout_s=900, args=(dtype,))
-    failures = [f for r in results for f in r]
-    assert not failures, f"{len(failures)} failures, first ones:\n" + "\n".join(failures[:20])
+    assert_no_failures(results)
 
 
 def _rank_graph(rank, world):
     torch.cuda.set_device(rank)
     dtype, n, d = torch.bfloat16, 129, 4096
-    ws = comm.create_allreduce_fusion_workspace(
-        "trtllm",
-        world_size=world,
-        rank=rank,
-        max_token_num=n,
-        hidden_dim=d,
-        dtype=dtype,
-        comm_backend=comm.TorchDistBackend(dist.group.WORLD),
-    )
+    ws = lamport_workspace(rank, world, n, d, dtype)
     x, residual, gamma, scale = _inputs(7, rank, n, d, dtype)
     pattern, layout = P.kARResidualRMSNormOutFP4Quant, L.SWIZZLED_128x4
     out = _nvfp4_outputs(n, d, layout, dtype, with_norm=True)
@@ -246,5 +230,4 @@ def _rank_graph(rank, world):
 @pytest.mark.gpu(2)
 def test_graph_replay_reads_a_new_global_scale(world_size):
     results = run_ranks(_rank_graph, world_size, backend="nccl", timeout_s=300)
-    failures = [f for r in results for f in r]
-    assert not failures, "\n".join(failures)
+    assert_no_failures(results)

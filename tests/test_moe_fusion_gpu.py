@@ -11,10 +11,12 @@ import torch
 import torch.distributed as dist
 
 import fusedcomm as comm
+from fusedcomm.bench.workspace import lamport_workspace
 from fusedcomm.enums import AllReduceFusionPattern as P
 from fusedcomm.enums import QuantizationSFLayout as L
 from fusedcomm.reference import quant as rq
 from fusedcomm.reference.moe import moe_allreduce_fusion_reference
+from fusedcomm.testing.checks import assert_no_failures
 from fusedcomm.testing.dist import gather_all, run_ranks, same_on_every_rank
 
 MAX_TOKENS, MAX_HIDDEN = 256, 7168
@@ -28,15 +30,7 @@ TOL = {torch.float16: 2.0**-9, torch.bfloat16: 2.0**-7}
 
 
 def _workspace(world, rank, dtype, max_tokens=MAX_TOKENS, hidden=MAX_HIDDEN):
-    return comm.create_allreduce_fusion_workspace(
-        "trtllm",
-        world_size=world,
-        rank=rank,
-        max_token_num=max_tokens,
-        hidden_dim=hidden,
-        dtype=dtype,
-        comm_backend=comm.TorchDistBackend(dist.group.WORLD),
-    )
+    return lamport_workspace(rank, world, max_tokens, hidden, dtype)
 
 
 def _shared(case, n, d, dtype):
@@ -165,8 +159,7 @@ def _rank_moe(rank, world, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_moe_fusions_match_the_reference(world_size, dtype):
     results = run_ranks(_rank_moe, world_size, backend="nccl", timeout_s=900, args=(dtype,))
-    failures = [f for r in results for f in r]
-    assert not failures, f"{len(failures)} failures, first ones:\n" + "\n".join(failures[:20])
+    assert_no_failures(results)
 
 
 def _unified_finalize(ws, x, residual, gamma, norm_out, residual_out):
@@ -226,8 +219,7 @@ def _rank_graph_and_compile(rank, world):
 @pytest.mark.gpu(2)
 def test_moe_finalize_in_cuda_graphs_and_torch_compile(world_size):
     results = run_ranks(_rank_graph_and_compile, world_size, backend="nccl", timeout_s=600)
-    failures = [f for r in results for f in r]
-    assert not failures, "\n".join(failures[:20])
+    assert_no_failures(results)
 
 
 class _DeviceWords:
@@ -284,5 +276,4 @@ def _rank_call_number_wrap(rank, world):
 @pytest.mark.gpu(2)
 def test_split_moe_calls_across_the_call_number_wrap(world_size):
     results = run_ranks(_rank_call_number_wrap, world_size, backend="nccl", timeout_s=300)
-    failures = [f for r in results for f in r]
-    assert not failures, "\n".join(failures[:20])
+    assert_no_failures(results)

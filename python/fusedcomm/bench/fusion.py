@@ -17,9 +17,8 @@ import torch.distributed as dist
 
 from ..enums import AllReduceFusionPattern as P
 from ..ops.allreduce_fusion import allreduce_fusion
-from ..runtime.comm_backend import TorchDistBackend
-from ..runtime.fusion_workspace import create_allreduce_fusion_workspace
 from .timing import capture, time_graph, time_loop
+from .workspace import lamport_workspace
 
 HIDDEN = 4096
 TOKENS = (1, 8, 64, 256, 1024, 4096, 8192)
@@ -47,15 +46,7 @@ def _timed(fn, iters: int) -> tuple[float, float]:
 
 def bench_rank(rank: int, world: int, tokens=TOKENS, hidden: int = HIDDEN) -> list[dict]:
     dtype = torch.bfloat16
-    ws = create_allreduce_fusion_workspace(
-        backend="trtllm",
-        world_size=world,
-        rank=rank,
-        max_token_num=max(tokens),
-        hidden_dim=hidden,
-        dtype=dtype,
-        comm_backend=TorchDistBackend(),
-    )
+    ws = lamport_workspace(rank, world, max(tokens), hidden, dtype)
     gen = torch.Generator(device="cuda").manual_seed(7 + rank)
     rows = []
     try:
@@ -174,17 +165,8 @@ def crossover_rank(
     """Graph-timed use_oneshot=True against False for kAllReduce and kARResidualRMSNorm at
     every token count where both fit; rows, and the crossover of each (dtype, pattern)."""
     rows = []
-    backend = TorchDistBackend()
     for name, dtype in CROSSOVER_DTYPES.items():
-        ws = create_allreduce_fusion_workspace(
-            backend="trtllm",
-            world_size=world,
-            rank=rank,
-            max_token_num=max(tokens),
-            hidden_dim=hidden,
-            dtype=dtype,
-            comm_backend=backend,
-        )
+        ws = lamport_workspace(rank, world, max(tokens), hidden, dtype)
         gen = torch.Generator(device="cuda").manual_seed(11 + rank)
         try:
             gamma = (torch.rand(hidden, device="cuda", generator=gen) + 0.5).to(dtype)

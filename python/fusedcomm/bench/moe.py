@@ -15,9 +15,8 @@ import torch.distributed as dist
 from ..enums import AllReduceFusionPattern as P
 from ..ops.allreduce_fusion import allreduce_fusion
 from ..ops.moe_fusion import trtllm_moe_allreduce_fusion, trtllm_moe_finalize_allreduce_fusion
-from ..runtime.comm_backend import TorchDistBackend
-from ..runtime.fusion_workspace import create_allreduce_fusion_workspace
 from .timing import capture, time_graph
+from .workspace import lamport_workspace
 
 HIDDEN = 7168
 TOKENS = (1, 16, 128, 1024, 4096)
@@ -52,15 +51,7 @@ def _copy_gbps() -> float:
 
 def bench_rank(rank: int, world: int, tokens=TOKENS) -> list[dict]:
     dtype, d = torch.bfloat16, HIDDEN
-    ws = create_allreduce_fusion_workspace(
-        backend="trtllm",
-        world_size=world,
-        rank=rank,
-        max_token_num=max(tokens),
-        hidden_dim=d,
-        dtype=dtype,
-        comm_backend=TorchDistBackend(),
-    )
+    ws = lamport_workspace(rank, world, max(tokens), d, dtype)
     gen = torch.Generator(device="cuda").manual_seed(13 + rank)
     gbps = _copy_gbps()
     rows = []

@@ -14,9 +14,8 @@ import torch.distributed as dist
 from ..enums import AllReduceFusionPattern as P
 from ..ops.allreduce_fusion import allreduce_fusion
 from ..reference.quant import scale_factor_buffer_size
-from ..runtime.comm_backend import TorchDistBackend
-from ..runtime.fusion_workspace import create_allreduce_fusion_workspace
 from .timing import capture, time_graph, time_loop
+from .workspace import lamport_workspace
 
 HIDDENS = (4096, 7168)
 TOKENS = (1, 16, 128, 1024, 4096)
@@ -65,15 +64,7 @@ def bench_rank(rank: int, world: int, tokens=TOKENS, hiddens=HIDDENS) -> list[di
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(11 + rank)
     for hidden in hiddens:
-        ws = create_allreduce_fusion_workspace(
-            backend="trtllm",
-            world_size=world,
-            rank=rank,
-            max_token_num=max(tokens),
-            hidden_dim=hidden,
-            dtype=dtype,
-            comm_backend=TorchDistBackend(),
-        )
+        ws = lamport_workspace(rank, world, max(tokens), hidden, dtype)
         try:
             gamma = torch.rand(hidden, device="cuda", dtype=dtype, generator=gen) + 0.5
             g = torch.tensor([448 * 6 / 8.0], device="cuda")
