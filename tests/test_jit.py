@@ -67,6 +67,21 @@ def test_key_changes_with_header_flags_and_arch(tiny):
     assert header.resolve() in spec.dependencies()
 
 
+def test_lineinfo_is_opt_in_and_keyed(tiny, monkeypatch):
+    from fusedcomm.jit.build import ninja_file
+    from fusedcomm.jit.spec import cuda_flags
+
+    spec, _ = tiny
+    monkeypatch.delenv("FUSEDCOMM_LINEINFO", raising=False)
+    assert "-lineinfo" not in cuda_flags()
+    plain = spec.cache_key(ARCH, "nvcc 13.0")
+    assert "-lineinfo" not in ninja_file(spec, ARCH, Path("out.so"))
+    monkeypatch.setenv("FUSEDCOMM_LINEINFO", "1")
+    assert "-lineinfo" in cuda_flags()
+    assert "-lineinfo" in ninja_file(spec, ARCH, Path("out.so"))
+    assert spec.cache_key(ARCH, "nvcc 13.0") != plain
+
+
 def _aot_build(spec, out, monkeypatch):
     """Build ``spec`` ahead of time into ``out`` (as the AOT command would); no JIT afterwards."""
     monkeypatch.setattr(aot, "get_spec", lambda name: spec)

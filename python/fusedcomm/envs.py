@@ -15,6 +15,7 @@ writes the user's environment.
 | FUSEDCOMM_BUILD_JOBS | parallel compile units for one build | MAX_JOBS, else number of CPUs |
 | FUSEDCOMM_NVCC | the nvcc to use | nvcc on PATH, then $CUDA_HOME/bin/nvcc |
 | FUSEDCOMM_TIMEOUT_S | default bound, in seconds, on every device-side wait for a peer | 30 |
+| FUSEDCOMM_LINEINFO | "1": build kernels with source-line information for profilers (larger modules, their own cache key) | 0 |
 
 Standard variables users already set are honoured after ours:
 
@@ -104,6 +105,10 @@ def no_jit() -> bool:
 
 def quiet_build() -> bool:
     return _flag("FUSEDCOMM_QUIET_BUILD")
+
+
+def lineinfo() -> bool:
+    return _flag("FUSEDCOMM_LINEINFO")
 
 
 def _number(name: str, value: str, kind):

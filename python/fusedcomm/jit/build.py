@@ -15,7 +15,7 @@ from filelock import FileLock, Timeout
 from .. import envs
 from .._logging import build_logger, progress_logger
 from .paths import tvm_ffi_include_dirs, tvm_ffi_lib_dir
-from .spec import BASE_CUDA_FLAGS, BASE_LDFLAGS, JitSpec, gencode_flag, sm_name
+from .spec import BASE_LDFLAGS, JitSpec, cuda_flags, gencode_flag, sm_name
 
 WAIT_REPORT_S = 30.0  # while waiting for another process's build, say so this often
 
@@ -76,7 +76,7 @@ def _ninja_escape(path: str) -> str:
 def ninja_file(spec: JitSpec, arch: str, output: Path) -> str:
     includes = [str(spec.include_dir), str(spec.csrc_dir), *tvm_ffi_include_dirs()]
     cflags = [
-        *BASE_CUDA_FLAGS,
+        *cuda_flags(),
         gencode_flag(arch),
         *spec.cuda_cflags,
         *(f"-I{d}" for d in includes),

@@ -28,8 +28,18 @@ BASE_CUDA_FLAGS = (
     "-Xcompiler=-fPIC",
     "-Xcompiler=-fvisibility=hidden",
     "--expt-relaxed-constexpr",
-    "-lineinfo",
 )
+
+
+def cuda_flags() -> tuple[str, ...]:
+    """BASE_CUDA_FLAGS, plus -lineinfo when FUSEDCOMM_LINEINFO=1 asks for source lines in
+    profilers (it more than doubles the size of a kernel module, so builds leave it out by
+    default; the flag is part of the module key, so such builds never mix with others)."""
+    from .. import envs
+
+    return (*BASE_CUDA_FLAGS, "-lineinfo") if envs.lineinfo() else BASE_CUDA_FLAGS
+
+
 BASE_LDFLAGS = ("-shared", "-cudart=static", "-ltvm_ffi")
 
 
@@ -110,7 +120,7 @@ class JitSpec:
             self.name,
             arch,
             *_toolchain_facts(),
-            *BASE_CUDA_FLAGS,
+            *cuda_flags(),
             "|",
             *self.cuda_cflags,
             "|",
