@@ -62,33 +62,26 @@ def bench_rank(rank: int, world: int, tokens=TOKENS, hidden: int = HIDDEN) -> li
             def ar():
                 allreduce_fusion(input=x, workspace=ws, pattern=P.kAllReduce, output=out)
 
+            norm_args = dict(
+                input=x,
+                workspace=ws,
+                residual_in=res,
+                residual_out=res_out,
+                norm_out=norm,
+                rms_gamma=gamma,
+                rms_eps=1e-6,
+                launch_with_pdl=True,
+            )
+
             def fused(fp32_acc=False):  # fp32_acc=True: the deterministic setting
-                allreduce_fusion(
-                    input=x,
-                    workspace=ws,
-                    pattern=P.kARResidualRMSNorm,
-                    residual_in=res,
-                    residual_out=res_out,
-                    norm_out=norm,
-                    rms_gamma=gamma,
-                    rms_eps=1e-6,
-                    launch_with_pdl=True,
-                    fp32_acc=fp32_acc,
-                )
+                allreduce_fusion(pattern=P.kARResidualRMSNorm, fp32_acc=fp32_acc, **norm_args)
 
             def fp8():
                 allreduce_fusion(
-                    input=x,
-                    workspace=ws,
                     pattern=P.kARResidualRMSNormOutFP8Quant,
-                    residual_in=res,
-                    residual_out=res_out,
-                    norm_out=norm,
                     quant_out=quant,
-                    rms_gamma=gamma,
-                    rms_eps=1e-6,
                     scale_factor=scale,
-                    launch_with_pdl=True,
+                    **norm_args,
                 )
 
             nccl_buf = x.clone()
