@@ -6,8 +6,8 @@ from __future__ import annotations
 from . import allreduce_fusion, allreduce_peer
 from .spec import JitSpec, Unit
 
-# Failure records (host code only).
-RUNTIME = JitSpec(name="runtime", units=(Unit("runtime.cu"),), host_only=True)
+# Failure records and peer-mapped (VMM) memory (host code only).
+RUNTIME = JitSpec(name="runtime", units=(Unit("runtime.cu"), Unit("peer_memory.cu")), host_only=True)
 
 # The Lamport fill kernel.
 LAMPORT = JitSpec(name="lamport", units=(Unit("lamport.cu"),))
