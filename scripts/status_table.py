@@ -157,7 +157,7 @@ TESTED: dict[str, tuple[str, str]] = {
     "TRT-LLM all-reduce ops": ("sm_90a (H200), patterns 0-11", "2"),
     "TRT-LLM workspaces": ("sm_90a (H200)", "2"),
     "Unified all-reduce fusion API": ("sm_90a (H200), patterns 0-11", "2"),
-    "MoE all-to-all": ("no GPU needed (sizing and workspace views)", "any"),
+    "MoE all-to-all": ("sm_90a (H200)", "2"),
 }
 
 

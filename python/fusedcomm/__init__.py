@@ -22,6 +22,14 @@ from .mapping import Mapping
 from .ops.allreduce_fusion import allreduce_fusion, trtllm_allreduce_fusion
 from .ops.allreduce_legacy import trtllm_custom_all_reduce
 from .ops.lamport import trtllm_lamport_initialize, trtllm_lamport_initialize_all
+from .ops.moe_a2a import (
+    moe_a2a_combine,
+    moe_a2a_dispatch,
+    moe_a2a_dropped_expert_ids,
+    moe_a2a_initialize,
+    moe_a2a_sanitize_expert_ids,
+)
+from .ops.moe_alltoall import MoeA2AArgumentError, MoeA2AStateError, MoeAlltoAll
 from .ops.moe_fusion import trtllm_moe_allreduce_fusion, trtllm_moe_finalize_allreduce_fusion
 from .ops.vllm_ar import (
     vllm_all_reduce,
@@ -110,7 +118,15 @@ __all__ = [
     "check_errors",
     "create_shared_buffer",
     "free_shared_buffer",
+    "MoeA2AArgumentError",
+    "MoeA2AStateError",
+    "MoeAlltoAll",
+    "moe_a2a_combine",
+    "moe_a2a_dispatch",
+    "moe_a2a_dropped_expert_ids",
     "moe_a2a_get_workspace_size_per_rank",
+    "moe_a2a_initialize",
+    "moe_a2a_sanitize_expert_ids",
     "moe_a2a_wrap_payload_tensor_in_workspace",
     "mpi_barrier",
     "pack_strided_memory",

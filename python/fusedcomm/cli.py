@@ -9,6 +9,7 @@ fusedcomm --version
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -126,48 +127,158 @@ def doctor() -> int:
     return 0
 
 
-def _bench_gpu(world: int, quick: bool) -> dict:
-    from .bench import allreduce, foundation
+# Sections of ``fusedcomm bench``, in the order they run and print; each fails on its own.
+SECTIONS = ("foundation", "allreduce", "fusion", "crossover", "quant", "moe", "moe_a2a")
+_RESULT_KEY = {"crossover": "fusion_crossover"}  # the JSON key of a section, where it differs
+
+
+def _sections_arg(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown section(s) {', '.join(unknown) or '(none given)'}; "
+            f"choose from {', '.join(SECTIONS)}"
+        )
+    return names
+
+
+def _run_section(name: str, world: int, quick: bool) -> dict:
+    """One section on ``world`` ranks: its entries of the result (rank 0's values)."""
     from .testing.dist import run_ranks
 
-    tokens = (1, 8, 64, 256, 1024) if quick else allreduce.TOKENS
-    found = run_ranks(foundation.bench_rank, world, backend="nccl", timeout_s=300)
-    rows = run_ranks(allreduce.bench_rank, world, backend="nccl", timeout_s=900, args=(tokens,))
-    from .bench import fusion
+    if name == "foundation":
+        from .bench import foundation
 
-    fused_tokens = tuple(t for t in fusion.TOKENS if t <= 1024) if quick else fusion.TOKENS
-    fused = run_ranks(fusion.bench_rank, world, backend="nccl", timeout_s=900, args=(fused_tokens,))
-    cross_tokens = fusion.CROSSOVER_TOKENS
-    if quick:
-        cross_tokens = tuple(t for t in cross_tokens if t <= 1024)
-    cross = run_ranks(
-        fusion.crossover_rank, world, backend="nccl", timeout_s=600, args=(cross_tokens,)
-    )
+        found = run_ranks(foundation.bench_rank, world, backend="nccl", timeout_s=300)
+        return {"foundation": found[0]}
+    if name == "allreduce":
+        from .bench import allreduce
+
+        tokens = (1, 8, 64, 256, 1024) if quick else allreduce.TOKENS
+        rows = run_ranks(allreduce.bench_rank, world, backend="nccl", timeout_s=900, args=(tokens,))
+        return {"allreduce": rows[0], "allreduce_per_rank": rows}
+    if name == "fusion":
+        from .bench import fusion
+
+        tokens = tuple(t for t in fusion.TOKENS if t <= 1024) if quick else fusion.TOKENS
+        rows = run_ranks(fusion.bench_rank, world, backend="nccl", timeout_s=900, args=(tokens,))
+        return {"fusion": rows[0]}
+    if name == "crossover":
+        from .bench import fusion
+
+        tokens = fusion.CROSSOVER_TOKENS
+        if quick:
+            tokens = tuple(t for t in tokens if t <= 1024)
+        rows = run_ranks(
+            fusion.crossover_rank, world, backend="nccl", timeout_s=600, args=(tokens,)
+        )
+        return {"fusion_crossover": rows[0]}
+    if name == "moe_a2a":
+        from .bench import moe_a2a
+
+        return {"moe_a2a": moe_a2a.run(world, moe_a2a.QUICK_TOKENS if quick else moe_a2a.TOKENS)}
     from .bench import moe, quant
 
-    sections = {}
-    for name, module in (("quant", quant), ("moe", moe)):
-        some = tuple(t for t in module.TOKENS if t <= 128) if quick else module.TOKENS
+    module = {"quant": quant, "moe": moe}[name]
+    some = tuple(t for t in module.TOKENS if t <= 128) if quick else module.TOKENS
+    rows = run_ranks(module.bench_rank, world, backend="nccl", timeout_s=900, args=(some,))
+    return {name: rows[0]}
+
+
+def _bench_gpu(world: int, quick: bool, sections: tuple[str, ...] = SECTIONS) -> dict:
+    result: dict = {}
+    for name in sections:
         try:  # a failing section is reported; the others' tables still print
-            sections[name] = run_ranks(
-                module.bench_rank, world, backend="nccl", timeout_s=900, args=(some,)
-            )[0]
+            result.update(_run_section(name, world, quick))
         except Exception as exc:
-            sections[name] = {"error": str(exc)}
-    return {
-        "foundation": found[0],
-        "allreduce": rows[0],
-        "allreduce_per_rank": rows,
-        "fusion": fused[0],
-        "fusion_crossover": cross[0],
-        **sections,
-    }
+            result[_RESULT_KEY.get(name, name)] = {"error": f"{type(exc).__name__}: {exc}"}
+    return result
+
+
+def _failed(value) -> bool:
+    return isinstance(value, dict) and "error" in value
 
 
 def _section_table(module, rows) -> str:
-    if isinstance(rows, dict):  # the section failed
+    if _failed(rows):
         return f"(failed: {rows['error'][-2000:]})"
     return module.markdown(rows)
+
+
+def _report(name: str, result: dict, world: int) -> str | None:
+    """Print one section's heading and table; return the table (None: no table)."""
+    value = result[_RESULT_KEY.get(name, name)]
+    if name == "foundation":
+        if _failed(value):
+            print(f"foundation (failed: {value['error'][-2000:]})")
+            return None
+        print(
+            f"create_shared_buffer(64 MiB), {world} ranks: "
+            f"{value['create_shared_buffer_64MiB_ms']:.2f} ms; Lamport init of 64 MiB: "
+            f"{value['lamport_init_64MiB_us']:.1f} us ({value['lamport_init_GBps']:.0f} GB/s), "
+            f"read back {'ok' if value['lamport_ok'] else 'WRONG'}"
+        )
+        return None
+    if name == "allreduce":
+        from .bench import allreduce
+
+        print(
+            f"\nall-reduce, bf16, hidden {allreduce.HIDDEN}, {world} ranks, microseconds per call "
+            "(median of 5 timed loops, CUDA events):\n"
+        )
+        table = _section_table(allreduce, value)
+        print(table)
+        if not _failed(value):
+            print("\ntargets:")
+            for line in allreduce.check_targets(value):
+                print("  " + line)
+        return table
+    if name in ("fusion", "crossover"):
+        from .bench import fusion as module
+    else:
+        module = importlib.import_module(f".bench.{name}", __package__)
+    if name == "fusion":
+        print(
+            f"\nfused all-reduce (Lamport family), bf16, hidden {module.HIDDEN}, {world} ranks, "
+            "microseconds per call; fused = AR + residual + RMSNorm, fp8 = the same + FP8 output, "
+            "unfused = NCCL + add + torch rms_norm:\n"
+        )
+    elif name == "crossover":
+        print(
+            f"\none-shot / two-shot crossover, hidden {module.CROSSOVER_HIDDEN}, {world} ranks, "
+            "microseconds per call in CUDA graphs (kAllReduce p0, kARResidualRMSNorm p1):\n"
+        )
+        table = (
+            f"(failed: {value['error'][-2000:]})"
+            if _failed(value)
+            else module.crossover_markdown(value)
+        )
+        print(table)
+        return table
+    elif name == "quant":
+        print(
+            f"\nblock-quantised fused patterns, bf16, {world} ranks, microseconds per call "
+            "(NVFP4: pattern 5, SWIZZLED_128x4; group FP8: pattern 9, groups of "
+            f"{module.GROUP}; unfused = NCCL + add + torch rms_norm + a torch quantiser):\n"
+        )
+    elif name == "moe":
+        print(
+            f"\nMoE fusions, bf16, hidden {module.HIDDEN}, {world} ranks, CUDA graphs, microseconds "
+            f"per call (finalize: top-{module.TOP_K}; reduction: {module.EXPERTS} experts per device; "
+            "unfused = torch gather/scale/sum + NCCL + add + torch rms_norm):\n"
+        )
+    else:
+        print(
+            f"\nMoE all-to-all, hidden {module.HIDDEN} bf16, top-{module.TOP_K} of "
+            f"{module.EXPERTS} experts, {world} ranks, R = tokens per rank, microseconds per "
+            "call (median of 5 timed loops, CUDA events; the slowest rank); round = dispatch + "
+            "combine; NCCL = torch all_to_all_single, packed rows + index_add_; WRONG = the "
+            "result did not match the torch reference, no time reported:\n"
+        )
+    table = _section_table(module, value)
+    print(table)
+    return table
 
 
 def bench(args) -> int:
@@ -189,64 +300,35 @@ def bench(args) -> int:
             file=sys.stderr,
         )
         return 2
-    from .bench import allreduce
-
-    result = _bench_gpu(world, args.quick)
-    f = result["foundation"]
-    print(
-        f"create_shared_buffer(64 MiB), {world} ranks: {f['create_shared_buffer_64MiB_ms']:.2f} ms; "
-        f"Lamport init of 64 MiB: {f['lamport_init_64MiB_us']:.1f} us "
-        f"({f['lamport_init_GBps']:.0f} GB/s), read back {'ok' if f['lamport_ok'] else 'WRONG'}"
-    )
-    table = allreduce.markdown(result["allreduce"])
-    print(
-        f"\nall-reduce, bf16, hidden {allreduce.HIDDEN}, {world} ranks, microseconds per call "
-        "(median of 5 timed loops, CUDA events):\n"
-    )
-    print(table)
-    print("\ntargets:")
-    for line in allreduce.check_targets(result["allreduce"]):
-        print("  " + line)
-    from .bench import fusion
-
-    fused_table = fusion.markdown(result["fusion"])
-    print(
-        f"\nfused all-reduce (Lamport family), bf16, hidden {fusion.HIDDEN}, {world} ranks, "
-        "microseconds per call; fused = AR + residual + RMSNorm, fp8 = the same + FP8 output, "
-        "unfused = NCCL + add + torch rms_norm:\n"
-    )
-    print(fused_table)
-    cross_table = fusion.crossover_markdown(result["fusion_crossover"])
-    print(
-        f"\none-shot / two-shot crossover, hidden {fusion.CROSSOVER_HIDDEN}, {world} ranks, "
-        "microseconds per call in CUDA graphs (kAllReduce p0, kARResidualRMSNorm p1):\n"
-    )
-    print(cross_table)
-    from .bench import moe, quant
-
-    quant_table = _section_table(quant, result["quant"])
-    print(
-        f"\nblock-quantised fused patterns, bf16, {world} ranks, microseconds per call "
-        "(NVFP4: pattern 5, SWIZZLED_128x4; group FP8: pattern 9, groups of "
-        f"{quant.GROUP}; unfused = NCCL + add + torch rms_norm + a torch quantiser):\n"
-    )
-    print(quant_table)
-    moe_table = _section_table(moe, result["moe"])
-    print(
-        f"\nMoE fusions, bf16, hidden {moe.HIDDEN}, {world} ranks, CUDA graphs, microseconds "
-        f"per call (finalize: top-{moe.TOP_K}; reduction: {moe.EXPERTS} experts per device; "
-        "unfused = torch gather/scale/sum + NCCL + add + torch rms_norm):\n"
-    )
-    print(moe_table)
+    sections = args.sections
+    result = _bench_gpu(world, args.quick, sections)
+    tables = []
+    for name in sections:
+        try:  # a table that cannot be drawn fails its section only
+            tables.append(_report(name, result, world))
+        except Exception as exc:
+            key = _RESULT_KEY.get(name, name)
+            print(f"\n{name}: cannot print the results ({type(exc).__name__}: {exc})")
+            if not _failed(result[key]):
+                result[key] = {"error": f"report: {type(exc).__name__}: {exc}", "raw": result[key]}
     if args.markdown:
         with open(args.markdown, "w") as fh:
-            fh.write("\n\n".join((table, fused_table, cross_table, quant_table, moe_table)) + "\n")
+            fh.write("\n\n".join(t for t in tables if t is not None) + "\n")
     if args.plot:
-        allreduce.plot(result["allreduce"], args.plot)
-        print(f"plot written to {args.plot}")
+        from .bench import allreduce
+
+        if "allreduce" in result and not _failed(result["allreduce"]):
+            allreduce.plot(result["allreduce"], args.plot)
+            print(f"plot written to {args.plot}")
+        else:
+            print(f"no plot: the allreduce section did not run or failed ({args.plot} not written)")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=1)
+    failed = [name for name in sections if _failed(result[_RESULT_KEY.get(name, name)])]
+    if failed:
+        print(f"\nfusedcomm bench: section(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -267,6 +349,13 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--markdown", help="write the all-reduce table here")
     b.add_argument("--plot", help="draw latency vs size for all columns into this PNG")
     b.add_argument("--quick", action="store_true", help="sizes up to 8 MiB only")
+    b.add_argument(
+        "--sections",
+        type=_sections_arg,
+        default=SECTIONS,
+        metavar="NAME[,NAME...]",
+        help=f"run only these sections (default: all of {','.join(SECTIONS)})",
+    )
     args = parser.parse_args(argv)
     return doctor() if args.command == "doctor" else bench(args)
 

@@ -14,6 +14,17 @@
 // (W = ep_size, M = max_num_tokens, n = eplb_stats_num_experts.) The top-k tables always have
 // kMaxTopK columns whatever the call's top_k.
 //
+// Two more things live in the 128-byte padding after the completion flags, which is why the
+// kernels serve at most kMaxKernelRanks ranks (4W <= 64 leaves the second half of each padded
+// line free):
+//   combine arrivals           int32             dispatch flags + 64   (blocks of a combine)
+//   release flags              uint32 [W]        combine flags + 64    (per source)
+// Rank q stores into release flag [q] of every row when it has finished reading the rows of a
+// round (the end of its combine); a dispatch writes into no row before every rank has done so
+// for the previous round, so a round whose regions overlap the last one's (a larger R moves
+// the combine region) never overwrites data a peer still reads. The local token counter
+// counts the blocks of a dispatch that are done.
+//
 // During one round (R = runtime_max_tokens_per_rank <= M) the payload data holds the dispatch
 // payloads back to back, payload i as [W, R, bytes_i] (slot (src, j) of payload i at
 // base_i + (src * R + j) * bytes_i), then, from A(end of the dispatch payloads), the combine
@@ -27,11 +38,12 @@
 namespace fusedcomm {
 
 struct MoeA2ALayout {
-  static constexpr int kMaxTopK = 22;        // columns of the top-k tables
-  static constexpr int kMaxEpSize = 64;      // ranks of one EP group
-  static constexpr int kMaxPayloads = 6;     // dispatch payloads of one round
-  static constexpr int64_t kAlign = 128;     // A(x)
-  static constexpr int kMetainfoFields = 9;  // metainfo entries without the EPLB region
+  static constexpr int kMaxTopK = 22;         // columns of the top-k tables
+  static constexpr int kMaxEpSize = 64;       // ranks of one EP group
+  static constexpr int kMaxPayloads = 6;      // dispatch payloads of one round
+  static constexpr int64_t kAlign = 128;      // A(x)
+  static constexpr int kMetainfoFields = 9;   // metainfo entries without the EPLB region
+  static constexpr int kMaxKernelRanks = 16;  // ranks the kernels serve (see the padding above)
 
   int32_t ep_size;                 // W
   int64_t max_num_tokens;          // M
@@ -50,6 +62,12 @@ struct MoeA2ALayout {
   }
   __host__ __device__ constexpr int64_t combine_completion_flags() const {
     return align(dispatch_completion_flags() + 4 * int64_t{ep_size});
+  }
+  __host__ __device__ constexpr int64_t combine_arrivals() const {
+    return dispatch_completion_flags() + 4 * kMaxKernelRanks;
+  }
+  __host__ __device__ constexpr int64_t release_flags() const {
+    return combine_completion_flags() + 4 * kMaxKernelRanks;
   }
   __host__ __device__ constexpr int64_t topk_table_bytes() const {
     return 4 * kMaxTopK * max_num_tokens;

@@ -12,6 +12,11 @@
 // marks every peer, so that a rank that gives up never leaves a peer waiting or computing on
 // stale data. The caller must then leave the kernel (after __syncthreads_and on the result).
 // A site with no FailureState prints the same facts and traps.
+//
+// Any type with the members and methods of FailureSite can be a site (wait_until and
+// record_failure are templates): FailureSite keeps the abort marks in a table of W mapped
+// pointers; a family whose peers' memory lies at one stride (the MoE all-to-all rows) keeps
+// them in those rows (kernels/moe_a2a_args.cuh).
 #pragma once
 #include <cstdio>
 
@@ -36,11 +41,18 @@ struct FailureSite {
   __device__ __forceinline__ bool peer_gave_up(int peer) const {
     return ld_relaxed_sys(&marks[rank][peer]) != 0;
   }
+  // Tell every peer that this rank gave up.
+  __device__ void mark_peers() const {
+    for (int q = 0; q < world; ++q) {
+      if (q != rank) st_relaxed_sys(&marks[q][rank], 1u);
+    }
+  }
 };
 
-inline __device__ __noinline__ void record_failure(const FailureSite& site, int32_t code, int peer,
-                                                   int phase, uint32_t expected, uint32_t observed,
-                                                   uint64_t waited_ns) {
+template <typename Site>
+__device__ __noinline__ void record_failure(const Site& site, int32_t code, int peer, int phase,
+                                            uint32_t expected, uint32_t observed,
+                                            uint64_t waited_ns) {
   if (site.failure.claim == nullptr) {
     printf(
         "fusedcomm: op %d rank %d: gave up on rank %d (code %d, phase %d, block %d, expected "
@@ -50,9 +62,7 @@ inline __device__ __noinline__ void record_failure(const FailureSite& site, int3
     __trap();
   }
   if (atomicCAS(site.failure.claim, 0, 1) != 0) return;
-  for (int q = 0; q < site.world; ++q) {
-    if (q != site.rank) st_relaxed_sys(&site.marks[q][site.rank], 1u);
-  }
+  site.mark_peers();
   FailureRecord* r = site.failure.record;
   r->op = site.op;
   r->rank = site.rank;
@@ -76,9 +86,9 @@ inline __device__ __noinline__ void record_failure(const FailureSite& site, int3
 // The claim is not re-read before the first poll: a caller checks it before its first store of
 // a call (kernel entry, or overlapped with the meeting's own loads in cta_meet), and a claim set
 // by another block while this one waits is seen at the next periodic check.
-template <typename Ready>
-__device__ __forceinline__ bool wait_until(const FailureSite& site, int peer, int phase,
-                                           uint32_t expected, Ready&& ready) {
+template <typename Site, typename Ready>
+__device__ __forceinline__ bool wait_until(const Site& site, int peer, int phase, uint32_t expected,
+                                           Ready&& ready) {
   uint32_t observed = 0;
   Poll p = ready(observed);
   if (p == Poll::kReady) return true;

@@ -3,11 +3,13 @@ checks. Families generate their per-configuration specs (see allreduce_peer.py).
 
 from __future__ import annotations
 
-from . import allreduce_fusion, allreduce_peer
+from . import allreduce_fusion, allreduce_peer, moe_a2a
 from .spec import JitSpec, Unit
 
 # Failure records and peer-mapped (VMM) memory (host code only).
-RUNTIME = JitSpec(name="runtime", units=(Unit("runtime.cu"), Unit("peer_memory.cu")), host_only=True)
+RUNTIME = JitSpec(
+    name="runtime", units=(Unit("runtime.cu"), Unit("peer_memory.cu")), host_only=True
+)
 
 # The Lamport fill kernel.
 LAMPORT = JitSpec(name="lamport", units=(Unit("lamport.cu"),))
@@ -23,13 +25,20 @@ ALL_SPECS: dict[str, JitSpec] = {
         PDL_PROBE,
         *allreduce_peer.all_specs(),
         *allreduce_fusion.all_specs(),
+        *moe_a2a.all_specs(),
     )
 }
 
 # What engines use: the default set for warmup() and the AOT build.
 DEFAULT_SPECS: dict[str, JitSpec] = {
     s.name: s
-    for s in (RUNTIME, LAMPORT, *allreduce_peer.default_specs(), *allreduce_fusion.default_specs())
+    for s in (
+        RUNTIME,
+        LAMPORT,
+        *allreduce_peer.default_specs(),
+        *allreduce_fusion.default_specs(),
+        *moe_a2a.all_specs(),
+    )
 }
 
 

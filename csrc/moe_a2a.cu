@@ -1,0 +1,264 @@
+// moe_a2a: the MoE all-to-all entry points (dispatch, combine, sanitize) and describe().
+// Host code; the kernels are in the module's other units (moe_a2a_kernels.cu).
+//
+// The frontend (python/fusedcomm/ops/moe_a2a.py) validates the user's tensors and passes raw
+// addresses; these entries check every number that decides where a kernel reads or writes
+// (ranks, counts, sizes against the row, alignment), then fill the args and launch.
+//   moe_a2a_describe() -> op, phases, limits
+//   moe_a2a_dispatch_launch(experts, ws, dropped, num_experts, R,
+//                           payloads [ptr, row stride, bytes] * n, pdl)
+//   moe_a2a_combine_launch(out, ws, payload (0: in the workspace), top_k, R, region, pdl)
+//   moe_a2a_sanitize_launch(ids, recv_counts, invalid_id, pdl)
+// `ws` = [device, base, row stride, row bytes, world, rank, max_num_tokens, eplb experts,
+//         claim, record, timeout ns]: the workspace and its failure state. Each entry takes
+// one user tensor (the ids, the output): its device and the caller's current stream (which
+// TVM-FFI sets from torch for calls with tensors) are where the kernel runs.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <mutex>
+#include <unordered_map>
+
+#include "binding.h"
+#include "moe_a2a.h"
+
+namespace fusedcomm {
+
+namespace {
+
+constexpr int kWsFields = 11;
+
+struct Workspace {
+  int device;
+  int64_t row_bytes;
+  MoeA2ASite site;
+};
+
+int sm_count(int device, const char* op) {
+  static std::mutex mutex;
+  static std::unordered_map<int, int> counts;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = counts.find(device);
+  if (it != counts.end()) return it->second;
+  int n = 0;
+  FC_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device), op);
+  counts.emplace(device, n);
+  return n;
+}
+
+Workspace workspace_of(const ffi::Array<int64_t>& ws, const char* op) {
+  FC_CHECK_VALUE(ws.size() == kWsFields, op)
+      << "internal: workspace record of " << ws.size() << " fields, expected " << kWsFields;
+  Workspace w{};
+  w.device = static_cast<int>(ws[0]);
+  w.row_bytes = ws[3];
+  MoeA2ASite& s = w.site;
+  s.rows.base = reinterpret_cast<uint8_t*>(ws[1]);
+  s.rows.stride = ws[2];
+  s.world = static_cast<int32_t>(ws[4]);
+  s.rank = static_cast<int32_t>(ws[5]);
+  FC_CHECK_VALUE(s.world >= 1 && s.world <= MoeA2ALayout::kMaxKernelRanks, op)
+      << "ep_size (" << s.world << ") must be in [1, " << MoeA2ALayout::kMaxKernelRanks
+      << "] (the ranks of one node)";
+  FC_CHECK_VALUE(s.rank >= 0 && s.rank < s.world, op)
+      << "ep_rank (" << s.rank << ") must be in [0, " << s.world << ")";
+  FC_CHECK_VALUE(ws[6] >= 1 && ws[7] >= 0, op) << "internal: bad layout record";
+  s.rows.layout = MoeA2ALayout{s.world, ws[6], static_cast<int32_t>(ws[7])};
+  FC_CHECK_VALUE(s.rows.base != nullptr && w.row_bytes >= s.rows.layout.payload_data() &&
+                     (s.world == 1 || s.rows.stride >= w.row_bytes),
+                 op)
+      << "the workspace rows (" << w.row_bytes << " bytes at stride " << s.rows.stride
+      << ") cannot hold the auxiliary fields (" << s.rows.layout.payload_data() << " bytes)";
+  FC_CHECK_VALUE(reinterpret_cast<uintptr_t>(s.rows.base) % 128 == 0 && s.rows.stride % 128 == 0,
+                 op)
+      << "the workspace rows must start at multiples of 128 bytes";
+  s.failure.claim = reinterpret_cast<int32_t*>(ws[8]);
+  s.failure.record = reinterpret_cast<FailureRecord*>(ws[9]);
+  FC_CHECK_VALUE(s.failure.claim != nullptr && s.failure.record != nullptr && ws[10] > 0, op)
+      << "internal: the workspace has no failure state";
+  s.timeout_ns = static_cast<uint64_t>(ws[10]);
+  s.op = kOpMoeA2A;
+  return w;
+}
+
+bool is_int32(const ffi::TensorView& t) {
+  return t.dtype().code == kDLInt && t.dtype().bits == 32 && t.dtype().lanes == 1;
+}
+
+void check_on_device(const ffi::TensorView& t, const char* name, int device, const char* op) {
+  FC_CHECK_VALUE(t.device().device_type == kDLCUDA && t.device().device_id == device, op)
+      << name << " must be on the workspace's device (cuda:" << device << ")";
+}
+
+int widest_access(int64_t bytes, int64_t src, int64_t stride, int64_t dst) {
+  int width = 16;
+  while (width > 1 && (bytes % width || src % width || stride % width || dst % width)) width /= 2;
+  return width;
+}
+
+}  // namespace
+
+ffi::Map<ffi::String, ffi::Any> moe_a2a_describe() {
+  return describe_family("moe_a2a", kOpMoeA2A, {"release", "dispatch", "combine"},
+                         {{"max_ranks", MoeA2ALayout::kMaxKernelRanks},
+                          {"max_top_k", MoeA2ALayout::kMaxTopK},
+                          {"max_payloads", MoeA2ALayout::kMaxPayloads},
+                          {"parts", kMoeA2AParts},
+                          {"combine_arrivals", MoeA2ALayout{1, 1, 0}.combine_arrivals()},
+                          {"release_flags", MoeA2ALayout{1, 1, 0}.release_flags()}});
+}
+
+void moe_a2a_dispatch_launch(ffi::TensorView experts, ffi::Array<int64_t> ws, int64_t dropped,
+                             int64_t num_experts, int64_t max_tokens, ffi::Array<int64_t> payloads,
+                             bool pdl) {
+  constexpr const char* op = "moe_a2a_dispatch";
+  Workspace w = workspace_of(ws, op);
+  check_on_device(experts, "token_selected_experts", w.device, op);
+  FC_CHECK_TYPE(is_int32(experts), op) << "token_selected_experts must be int32";
+  FC_CHECK_VALUE(experts.ndim() == 2 && experts.IsContiguous(), op)
+      << "token_selected_experts must be a contiguous [local tokens, top_k] tensor";
+  const int64_t local_tokens = experts.shape()[0], top_k = experts.shape()[1];
+  const MoeA2ALayout& l = w.site.rows.layout;
+  FC_CHECK_VALUE(top_k >= 1 && top_k <= MoeA2ALayout::kMaxTopK, op)
+      << "top_k (" << top_k << ") must be in [1, " << MoeA2ALayout::kMaxTopK << "]";
+  FC_CHECK_VALUE(num_experts >= w.site.world && num_experts <= (int64_t{1} << 30), op)
+      << "num_experts (" << num_experts << ") must be >= ep_size (" << w.site.world << ")";
+  FC_CHECK_VALUE(max_tokens >= 1 && max_tokens <= l.max_num_tokens, op)
+      << "runtime_max_tokens_per_rank (" << max_tokens << ") must be in [1, max_num_tokens ("
+      << l.max_num_tokens << ")]";
+  FC_CHECK_VALUE(local_tokens >= 0 && local_tokens <= max_tokens, op)
+      << "the local token count (" << local_tokens << ") must be in [0, "
+      << "runtime_max_tokens_per_rank (" << max_tokens << ")]";
+  const int64_t n = static_cast<int64_t>(payloads.size()) / 3;
+  FC_CHECK_VALUE(payloads.size() % 3 == 0 && n >= 1 && n <= MoeA2ALayout::kMaxPayloads, op)
+      << "1 to " << MoeA2ALayout::kMaxPayloads << " payloads, got " << n;
+
+  MoeDispatchArgs a{};
+  a.site = w.site;
+  a.experts = static_cast<const int32_t*>(data_of(experts));
+  a.dropped = reinterpret_cast<int32_t*>(dropped);
+  FC_CHECK_VALUE(a.dropped != nullptr, op) << "internal: no dropped-id counter";
+  a.local_tokens = static_cast<int32_t>(local_tokens);
+  a.top_k = static_cast<int32_t>(top_k);
+  a.num_experts = static_cast<int32_t>(num_experts);
+  a.num_payloads = static_cast<int32_t>(n);
+  a.max_tokens = max_tokens;
+  MoeA2ARound round{l, max_tokens, a.num_payloads, {}};
+  for (int i = 0; i < n; ++i) {
+    const int64_t ptr = payloads[3 * i], stride = payloads[3 * i + 1], bytes = payloads[3 * i + 2];
+    FC_CHECK_VALUE(bytes >= 1 && stride >= bytes && (local_tokens == 0 || ptr != 0), op)
+        << "payload " << i << ": rows of " << bytes << " bytes at stride " << stride;
+    round.payload_bytes[i] = bytes;
+  }
+  const int64_t end = round.dispatch_end();
+  FC_CHECK_VALUE(end <= w.row_bytes, op)
+      << "the workspace row (" << w.row_bytes << " bytes) cannot hold this round's dispatch "
+      << "payloads: they end at byte " << end << " (payload data at " << l.payload_data()
+      << ", then " << round.slots() << " slots of each payload)";
+  for (int i = 0; i < n; ++i) {
+    const int64_t dst = round.dispatch_payload(i);
+    a.src[i] = reinterpret_cast<const uint8_t*>(payloads[3 * i]);
+    a.src_stride[i] = payloads[3 * i + 1];
+    a.bytes[i] = payloads[3 * i + 2];
+    a.dst[i] = dst;
+    a.width[i] = widest_access(a.bytes[i], payloads[3 * i], a.src_stride[i], dst);
+  }
+  DeviceScope scope(w.device, op);
+  const int want = static_cast<int>(local_tokens < 1 ? 1 : local_tokens);
+  FC_CUDA_CHECK(launch_moe_dispatch(a, want, sm_count(w.device, op), pdl, stream_for(w.device)),
+                op);
+}
+
+void moe_a2a_combine_launch(ffi::TensorView out, ffi::Array<int64_t> ws, int64_t payload,
+                            int64_t top_k, int64_t max_tokens, int64_t region, bool pdl) {
+  constexpr const char* op = "moe_a2a_combine";
+  Workspace w = workspace_of(ws, op);
+  check_on_device(out, "the output", w.device, op);
+  FC_CHECK_VALUE(out.ndim() == 2 && out.IsContiguous(), op)
+      << "the output must be a contiguous [local_num_tokens, hidden] tensor";
+  const DType dt = dtype_of(out.dtype());
+  FC_CHECK_TYPE(dt != DType::kOther, op)
+      << "the combine payload must be float16, bfloat16 or float32, got "
+      << dtype_name(out.dtype());
+  const int64_t local_tokens = out.shape()[0];
+  const int64_t row_bytes = out.shape()[1] * (out.dtype().bits / 8);
+  const int64_t dtype = dt == DType::kF16 ? 0 : dt == DType::kBF16 ? 1 : 2;
+  const MoeA2ALayout& l = w.site.rows.layout;
+  FC_CHECK_VALUE(top_k >= 1 && top_k <= MoeA2ALayout::kMaxTopK, op)
+      << "top_k (" << top_k << ") must be in [1, " << MoeA2ALayout::kMaxTopK << "]";
+  FC_CHECK_VALUE(max_tokens >= 1 && max_tokens <= l.max_num_tokens, op)
+      << "runtime_max_tokens_per_rank (" << max_tokens << ") must be in [1, max_num_tokens ("
+      << l.max_num_tokens << ")]";
+  FC_CHECK_VALUE(local_tokens >= 0 && local_tokens <= max_tokens, op)
+      << "local_num_tokens (" << local_tokens << ") must be in [0, " << max_tokens << "]";
+  FC_CHECK_VALUE(row_bytes >= 16 && row_bytes % 16 == 0, op)
+      << "a combine row (" << row_bytes << " bytes) must be a positive multiple of 16 bytes";
+  const int64_t end = region + int64_t{w.site.world} * max_tokens * row_bytes;
+  FC_CHECK_VALUE(region >= l.payload_data() && region % 16 == 0 && end <= w.row_bytes, op)
+      << "the combine region [" << region << ", " << end << ") does not fit the workspace row ("
+      << w.row_bytes << " bytes, payload data from " << l.payload_data() << ")";
+  FC_CHECK_VALUE(reinterpret_cast<uintptr_t>(data_of(out)) % 16 == 0 && payload % 16 == 0, op)
+      << "the output and the payload must be 16-byte aligned";
+  MoeCombineArgs a{};
+  a.site = w.site;
+  a.payload = reinterpret_cast<const uint8_t*>(payload);
+  a.out = static_cast<uint8_t*>(data_of(out));
+  a.local_tokens = static_cast<int32_t>(local_tokens);
+  a.top_k = static_cast<int32_t>(top_k);
+  a.max_tokens = max_tokens;
+  a.row_bytes = row_bytes;
+  a.region = region;
+  DeviceScope scope(w.device, op);
+  const int sms = sm_count(w.device, op);
+  int64_t want = local_tokens;
+  if (payload != 0) want = std::max<int64_t>(want, int64_t{w.site.world} * max_tokens);
+  want = std::max<int64_t>(1, std::min<int64_t>(want, int64_t{sms} * 8));
+  cudaStream_t stream = stream_for(w.device);
+  const int blocks = static_cast<int>(want);
+  switch (static_cast<CombineDType>(dtype)) {
+    case CombineDType::kF16:
+      FC_CUDA_CHECK(launch_moe_combine<CombineDType::kF16>(a, blocks, sms, pdl, stream), op);
+      break;
+    case CombineDType::kBF16:
+      FC_CUDA_CHECK(launch_moe_combine<CombineDType::kBF16>(a, blocks, sms, pdl, stream), op);
+      break;
+    default:
+      FC_CUDA_CHECK(launch_moe_combine<CombineDType::kF32>(a, blocks, sms, pdl, stream), op);
+      break;
+  }
+}
+
+void moe_a2a_sanitize_launch(ffi::TensorView ids, int64_t recv_counts, int64_t invalid_id,
+                             bool pdl) {
+  constexpr const char* op = "moe_a2a_sanitize_expert_ids";
+  FC_CHECK_TYPE(is_int32(ids), op) << "expert_ids must be int32";
+  FC_CHECK_VALUE(ids.ndim() == 3 && recv_counts != 0, op)
+      << "expert_ids must be an [ep_size, R, top_k] tensor";
+  const int64_t world = ids.shape()[0], max_tokens = ids.shape()[1], top_k = ids.shape()[2];
+  const int device = ids.device().device_id;
+  FC_CHECK_VALUE(invalid_id >= INT32_MIN && invalid_id <= INT32_MAX, op)
+      << "invalid_expert_id (" << invalid_id << ") must fit int32";
+  MoeSanitizeArgs a{};
+  a.recv_counts = reinterpret_cast<const int32_t*>(recv_counts);
+  a.ids = static_cast<int32_t*>(data_of(ids));
+  a.stride_src = ids.strides()[0];
+  a.stride_slot = ids.strides()[1];
+  a.stride_k = ids.strides()[2];
+  a.world = static_cast<int32_t>(world);
+  a.top_k = static_cast<int32_t>(top_k);
+  a.max_tokens = max_tokens;
+  a.invalid_id = static_cast<int32_t>(invalid_id);
+  const int64_t n = world * max_tokens * top_k;
+  if (n == 0) return;
+  DeviceScope scope(device, op);
+  const int64_t cap = int64_t{sm_count(device, op)} * 4;
+  const int64_t blocks = std::min<int64_t>(cap, (n + kMoeA2AThreads - 1) / kMoeA2AThreads);
+  FC_CUDA_CHECK(launch_moe_sanitize(a, static_cast<int>(blocks), pdl, stream_for(device)), op);
+}
+
+}  // namespace fusedcomm
+
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(moe_a2a_describe, fusedcomm::moe_a2a_describe);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(moe_a2a_dispatch_launch, fusedcomm::moe_a2a_dispatch_launch);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(moe_a2a_combine_launch, fusedcomm::moe_a2a_combine_launch);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(moe_a2a_sanitize_launch, fusedcomm::moe_a2a_sanitize_launch);

@@ -1,0 +1,50 @@
+// The MoE all-to-all family, host side: what the control unit (moe_a2a.cu) asks of the kernel
+// units (moe_a2a_kernels.cu, one per part, compiled in parallel into the same module).
+//
+// Part 0 holds dispatch and sanitize; parts 1, 2, 3 the combine kernels of float16, bfloat16
+// and float32 (every pairwise-tree top_k and the sequential one). The JIT spec
+// (python/fusedcomm/jit/moe_a2a.py) lists one unit per part.
+#pragma once
+#include <cuda_runtime.h>
+
+#include "fusedcomm/kernels/moe_a2a_args.cuh"
+
+namespace fusedcomm {
+
+constexpr int kMoeA2AParts = 4;
+constexpr int kMoeA2AThreads = 256;  // per block, every kernel of the family
+
+enum class CombineDType : int { kF16 = 0, kBF16 = 1, kF32 = 2 };
+
+// Launch on `stream`, programmatic dependent launch when `pdl`. Dispatch: `want` blocks (the
+// local tokens), capped at what the device holds at once (each block then copies several
+// tokens back to back).
+cudaError_t launch_moe_dispatch(const MoeDispatchArgs& a, int want, int sms, bool pdl,
+                                cudaStream_t stream);
+// Sanitize: `blocks` blocks.
+cudaError_t launch_moe_sanitize(const MoeSanitizeArgs& a, int blocks, bool pdl,
+                                cudaStream_t stream);
+
+// Combine blocks must all be resident at once (they wait for each other's flag): the launch
+// caps `blocks` at what the device holds of this kernel; `want` is what the work could use.
+template <CombineDType kD>
+cudaError_t launch_moe_combine(const MoeCombineArgs& a, int want, int sms, bool pdl,
+                               cudaStream_t stream);
+
+// A launch with the family's block size and the PDL attribute.
+template <typename Args>
+cudaError_t launch_moe_kernel(void (*kernel)(Args), const Args& a, int blocks, bool pdl,
+                              cudaStream_t stream) {
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = pdl ? 1 : 0;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(blocks);
+  config.blockDim = dim3(kMoeA2AThreads);
+  config.stream = stream;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, kernel, a);
+}
+
+}  // namespace fusedcomm

@@ -1,0 +1,767 @@
+"""MoE all-to-all frontends: initialize, dispatch, combine, sanitize (the free functions).
+
+The workspace is ``uint8 [ep_size, size_per_rank]``: row ``q`` is rank ``q``'s memory, mapped
+here at one row stride (:class:`fusedcomm.runtime.peer_memory.PeerMemory`, or any allocation
+with that property). Its layout is ``fusedcomm.runtime.moe_a2a_workspace``; the kernels are
+``include/fusedcomm/kernels/moe_a2a_*.cuh``.
+
+A round is one dispatch and one combine on every rank of the group, in the same order:
+
+* :func:`moe_a2a_dispatch` sends each local token's payload rows once to every rank that owns
+  one of its ``top_k`` experts and returns views of what this rank received, ``[W, R, *]`` per
+  payload (row ``[src, j]`` is meaningful for ``j`` below the number of tokens ``src`` sent).
+* the caller runs its experts on the received rows and writes, for each received slot, the sum
+  of its experts' outputs (router weights applied) into a ``[W, R, H]`` payload;
+* :func:`moe_a2a_combine` brings those rows back to the tokens' ranks and sums them per token
+  (fp32, in a fixed order: the result depends only on the routing, never on the run).
+
+Every wait for a peer is bounded (``timeout_s``, default ``FUSEDCOMM_TIMEOUT_S``); a rank that
+gives up tells its peers, and from then on the workspace is refused on every rank with a
+:class:`~fusedcomm.CommFailureError` until :func:`moe_a2a_initialize` runs again on every rank.
+Expert ids outside ``[0, num_experts)`` are never followed: the pair is dropped and counted
+(:func:`moe_a2a_dropped_expert_ids`; ``check_expert_ids=True`` raises after the call).
+Every call is CUDA-graph capturable (no host synchronisation, no host-read counters) unless
+``check_expert_ids`` is set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import operator
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .. import envs
+from ..runtime.failures import FailureState, FamilyNames
+from ..runtime.moe_a2a_workspace import (
+    MOE_A2A_MAX_PAYLOADS,
+    MOE_A2A_MAX_TOP_K,
+    MoeA2ALayout,
+    moe_a2a_metainfo,
+)
+from ._register import register_op, tracing
+
+__all__ = [
+    "moe_a2a_combine",
+    "moe_a2a_dispatch",
+    "moe_a2a_dropped_expert_ids",
+    "moe_a2a_initialize",
+    "moe_a2a_sanitize_expert_ids",
+]
+
+_COMBINE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@functools.cache
+def _module():
+    from ..jit import load_module
+
+    return load_module("moe_a2a")
+
+
+@functools.cache
+def _describe() -> dict:
+    return dict(_module().moe_a2a_describe())
+
+
+@functools.cache
+def _pdl_default(device: int) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _int(op: str, name: str, value: Any, minimum: int, maximum: int | None = None) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be an int, got bool")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}") from None
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"{op}: {name} ({value}) must be {bound}")
+    return value
+
+
+def _tensor(op: str, name: str, t: Any) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+@dataclasses.dataclass(eq=False)
+class _Workspace:
+    """What this process knows about one initialised workspace (one rank's view)."""
+
+    workspace: torch.Tensor
+    rank: int
+    world: int
+    layout: MoeA2ALayout
+    row_bytes: int
+    row_stride: int
+    device: int
+    metainfo: torch.Tensor
+    failure: FailureState
+    dropped: torch.Tensor  # int32 [1] on the device: ids outside [0, E) since initialisation
+    record: Any  # the ws record the entries take (see csrc/moe_a2a.cu)
+    plans: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def own_row(self) -> int:
+        return self.workspace.data_ptr() + self.rank * self.row_stride
+
+    def close(self) -> None:
+        self.failure.close()
+
+
+_lock = threading.Lock()
+_workspaces: dict[tuple[int, int], _Workspace] = {}
+
+
+def _rows(op: str, workspace: Any, ep_size: int) -> torch.Tensor:
+    workspace = _tensor(op, "workspace", workspace)
+    if workspace.dtype != torch.uint8:
+        raise TypeError(f"{op}: workspace.dtype ({workspace.dtype}) must be uint8")
+    if workspace.dim() != 2:
+        raise ValueError(f"{op}: workspace must be 2-D [ep_size, size], got {workspace.dim()}-D")
+    if workspace.size(0) != ep_size:
+        raise ValueError(
+            f"{op}: workspace.size(0) ({workspace.size(0)}) must equal ep_size ({ep_size})"
+        )
+    if not workspace.is_cuda:
+        raise ValueError(f"{op}: workspace must be CUDA memory, got {workspace.device}")
+    if workspace.size(1) > 1 and workspace.stride(1) != 1:
+        raise ValueError(f"{op}: workspace rows must be contiguous (strides {workspace.stride()})")
+    return workspace
+
+
+def moe_a2a_initialize(
+    workspace: torch.Tensor,
+    ep_rank: int,
+    ep_size: int,
+    max_num_tokens: int,
+    eplb_stats_num_experts: int = 0,
+    *,
+    timeout_s: float | None = None,
+) -> torch.Tensor:
+    """Prepare this rank's row of a MoE all-to-all workspace; return the metainfo tensor.
+
+    ``workspace``: ``uint8 [ep_size, size_per_rank]`` CUDA tensor whose row ``q`` is rank
+    ``q``'s memory (rows at one stride, as :class:`~fusedcomm.MoeAlltoAll` allocates them).
+    Zeroes the own row, starts a fresh failure state for this workspace (a workspace refused
+    after a failure is usable again once every rank has initialised it again) and synchronises
+    the current stream. ``max_num_tokens``: the most tokens any rank dispatches in one round.
+    ``timeout_s``: bound on every wait for a peer (default ``FUSEDCOMM_TIMEOUT_S``).
+
+    Collective in effect: every rank must finish it before any rank dispatches, so put a
+    barrier of the group after it (``MoeAlltoAll`` does). Returns the CPU int64 metainfo of
+    the row layout (equal on every rank; treat it as opaque).
+    """
+    op = "moe_a2a_initialize"
+    ep_size = _int(op, "ep_size", ep_size, 1)
+    ep_rank = _int(op, "ep_rank", ep_rank, 0, ep_size - 1)
+    max_num_tokens = _int(op, "max_num_tokens", max_num_tokens, 1)
+    eplb = _int(op, "eplb_stats_num_experts", eplb_stats_num_experts, 0)
+    workspace = _rows(op, workspace, ep_size)
+    timeout = envs.default_timeout_s() if timeout_s is None else float(timeout_s)
+    if not math.isfinite(timeout) or timeout <= 0:
+        raise ValueError(f"{op}: timeout_s ({timeout_s}) must be a positive number of seconds")
+    max_ranks = int(_describe()["max_ranks"])
+    if ep_size > max_ranks:
+        raise ValueError(
+            f"{op}: ep_size ({ep_size}) must be <= {max_ranks}: the kernels serve the GPUs of one "
+            "node"
+        )
+    layout = MoeA2ALayout(ep_size, max_num_tokens, eplb)
+    row_bytes = workspace.size(1)
+    if row_bytes < layout.payload_data:
+        raise ValueError(
+            f"{op}: a workspace row ({row_bytes} bytes) must hold at least the auxiliary fields "
+            f"({layout.payload_data} bytes for ep_size {ep_size}, max_num_tokens "
+            f"{max_num_tokens}); size it with moe_a2a_get_workspace_size_per_rank"
+        )
+    row_stride = workspace.stride(0) if ep_size > 1 else row_bytes
+    if workspace.data_ptr() % 128 or row_stride % 128:
+        raise ValueError(f"{op}: workspace rows must start at multiples of 128 bytes")
+    device = workspace.device.index
+    d = _describe()
+    names = FamilyNames(op=str(d["op"]), phases=tuple(str(p) for p in d["phases"]))
+
+    with torch.cuda.device(device):
+        workspace[ep_rank].zero_()
+        torch.cuda.current_stream().synchronize()
+        failure = FailureState(device, names)
+        dropped = torch.zeros(1, dtype=torch.int32, device=workspace.device)
+    record = [
+        device,
+        workspace.data_ptr(),
+        row_stride,
+        row_bytes,
+        ep_size,
+        ep_rank,
+        max_num_tokens,
+        eplb,
+        failure.claim_ptr,
+        failure.record_device_ptr,
+        int(timeout * 1e9),
+    ]
+    metainfo = moe_a2a_metainfo(ep_size, max_num_tokens, eplb)
+    state = _Workspace(
+        workspace=workspace,
+        rank=ep_rank,
+        world=ep_size,
+        layout=layout,
+        row_bytes=row_bytes,
+        row_stride=row_stride,
+        device=device,
+        metainfo=metainfo,
+        failure=failure,
+        dropped=dropped,
+        record=_ffi_array(record),
+    )
+    with _lock:
+        old = _workspaces.pop((workspace.data_ptr(), ep_rank), None)
+        _workspaces[(workspace.data_ptr(), ep_rank)] = state
+    if old is not None:
+        old.close()
+    return metainfo
+
+
+def _ffi_array(values: list[int]):
+    import tvm_ffi
+
+    return tvm_ffi.convert(values)
+
+
+def _state(op: str, workspace: Any, ep_rank: Any, metainfo: Any = None) -> _Workspace:
+    workspace = _tensor(op, "workspace", workspace)
+    try:
+        st = _workspaces[(workspace.data_ptr(), ep_rank)]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"{op}: this workspace was not initialised for ep_rank {ep_rank!r} in this process; "
+            "call moe_a2a_initialize(workspace, ep_rank, ep_size, max_num_tokens) first"
+        ) from None
+    if workspace.shape != st.workspace.shape or workspace.stride() != st.workspace.stride():
+        raise ValueError(
+            f"{op}: workspace ({tuple(workspace.shape)}, strides {workspace.stride()}) is not "
+            f"the tensor that was initialised ({tuple(st.workspace.shape)})"
+        )
+    if metainfo is not None and metainfo is not st.metainfo:
+        metainfo = _tensor(op, "metainfo", metainfo)
+        if metainfo.shape != st.metainfo.shape or not torch.equal(metainfo.cpu(), st.metainfo):
+            raise ValueError(f"{op}: metainfo does not belong to this workspace")
+    st.failure.check(op)
+    return st
+
+
+def _pdl(enable_pdl: Any, device: int) -> bool:
+    return _pdl_default(device) if enable_pdl is None else bool(enable_pdl)
+
+
+# --- dispatch -----------------------------------------------------------------------------------
+
+
+def _row_is_contiguous(shape: Sequence[int], stride: Sequence[int]) -> bool:
+    expected = 1
+    for size, step in zip(reversed(shape[1:]), reversed(stride[1:]), strict=True):
+        if size != 1 and step != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _payload_rows(op: str, payloads: Any, local_tokens: int, device: torch.device):
+    """Check the payloads; return (tensor, bytes per row, bytes between rows) per payload."""
+    if isinstance(payloads, torch.Tensor) or not isinstance(payloads, Sequence):
+        raise TypeError(f"{op}: input_payloads must be a list of tensors")
+    if not 1 <= len(payloads) <= MOE_A2A_MAX_PAYLOADS:
+        raise ValueError(f"{op}: 1 to {MOE_A2A_MAX_PAYLOADS} input payloads, got {len(payloads)}")
+    rows = []
+    for i, p in enumerate(payloads):
+        p = _tensor(op, f"input_payloads[{i}]", p)
+        if p.device != device:
+            raise ValueError(f"{op}: input_payloads[{i}] is on {p.device}, expected {device}")
+        if p.dim() < 2 or p.size(0) != local_tokens:
+            raise ValueError(
+                f"{op}: input_payloads[{i}] ({tuple(p.shape)}) must be [{local_tokens}, *] "
+                "(one row per local token)"
+            )
+        if not _row_is_contiguous(p.shape, p.stride()):
+            raise ValueError(f"{op}: input_payloads[{i}] rows must be contiguous")
+        per_row = math.prod(p.shape[1:]) * p.element_size()
+        if per_row == 0:
+            raise ValueError(f"{op}: input_payloads[{i}] has empty rows {tuple(p.shape)}")
+        stride = p.stride(0) * p.element_size() if local_tokens > 1 else per_row
+        rows.append((p, per_row, stride))
+    return rows
+
+
+@dataclasses.dataclass(frozen=True)
+class _DispatchPlan:
+    """What a dispatch of one signature needs beyond the tensors' addresses."""
+
+    rows: tuple[tuple[int, int], ...]  # (bytes between rows, bytes per row) per payload
+    views: tuple[torch.Tensor, ...]
+    combine_offset: int
+
+
+def _dispatch_views(st: _Workspace, max_tokens: int, payloads) -> tuple[list[torch.Tensor], int]:
+    own = st.workspace[st.rank]
+    offsets = st.layout.dispatch_payload_offsets(max_tokens, [b for _, b, _ in payloads])
+    views = []
+    for (p, nbytes, _), start in zip(payloads, offsets, strict=True):
+        size = st.world * max_tokens * nbytes
+        views.append(
+            own[start : start + size].view(p.dtype).view(st.world, max_tokens, *p.shape[1:])
+        )
+    combine = st.layout.combine_payload_offset(max_tokens, [b for _, b, _ in payloads])
+    return views, combine
+
+
+def _check_alignment(op: str, st: _Workspace, max_tokens: int, payloads) -> None:
+    offsets = st.layout.dispatch_payload_offsets(max_tokens, [b for _, b, _ in payloads])
+    for i, ((p, _, _), start) in enumerate(zip(payloads, offsets, strict=True)):
+        if start % p.element_size():
+            raise ValueError(
+                f"{op}: input_payloads[{i}] ({p.dtype}) would start at byte {start} of the row, "
+                f"not a multiple of its element size ({p.element_size()}): the payloads lie back "
+                "to back, so order them from the largest element size to the smallest"
+            )
+    end = offsets[-1] + st.world * max_tokens * payloads[-1][1]
+    if end > st.row_bytes:
+        raise ValueError(
+            f"{op}: the workspace row ({st.row_bytes} bytes) cannot hold this round's dispatch "
+            f"payloads (they end at byte {end}); runtime_max_tokens_per_rank ({max_tokens}) is "
+            "too large for the payload sizes the workspace was sized for"
+        )
+
+
+def _dispatch_impl(
+    token_selected_experts: torch.Tensor,
+    input_payloads: list[torch.Tensor],
+    workspace: torch.Tensor,
+    ep_rank: int,
+    num_experts: int,
+    runtime_max_tokens_per_rank: int,
+    enable_pdl: bool,
+) -> None:
+    st = _state("moe_a2a_dispatch", workspace, ep_rank)
+    flat = []
+    for p in input_payloads:
+        nbytes = math.prod(p.shape[1:]) * p.element_size()
+        stride = p.stride(0) * p.element_size() if p.size(0) > 1 else nbytes
+        flat += [p.data_ptr(), stride, nbytes]
+    _module().moe_a2a_dispatch_launch(
+        token_selected_experts,
+        st.record,
+        st.dropped.data_ptr(),
+        num_experts,
+        runtime_max_tokens_per_rank,
+        flat,
+        enable_pdl,
+    )
+
+
+_dispatch_op = register_op(
+    "moe_a2a_dispatch(Tensor token_selected_experts, Tensor[] input_payloads, "
+    "Tensor(a!) workspace, int ep_rank, int num_experts, int runtime_max_tokens_per_rank, "
+    "bool enable_pdl) -> ()",
+    _dispatch_impl,
+    lambda *args: None,
+)
+
+
+def moe_a2a_dispatch(
+    token_selected_experts: torch.Tensor,
+    input_payloads: Sequence[torch.Tensor],
+    workspace: torch.Tensor,
+    metainfo: torch.Tensor,
+    runtime_max_tokens_per_rank: int,
+    ep_rank: int,
+    ep_size: int,
+    top_k: int,
+    num_experts: int,
+    enable_pdl: bool | None = None,
+    *,
+    check_expert_ids: bool = False,
+) -> tuple[list[torch.Tensor], int]:
+    """Send every local token's payload rows to the ranks that own its experts.
+
+    ``token_selected_experts``: int32 ``[L, top_k]`` on the workspace's device (``L`` local
+    tokens, may be 0; ``top_k`` in [1, 22]). Expert ``e`` of ``num_experts`` (>= ep_size)
+    belongs to rank ``e // (base + 1)`` for the first ``E % W`` ranks' experts and ``rem + (e
+    - rem * (base + 1)) // base`` after (``base = E // W``, ``rem = E % W``): a contiguous split
+    that need not be even. A token goes once to each rank among its experts' owners.
+    ``input_payloads``: 1 to 6 tensors ``[L, *]`` of any dtype with contiguous rows; they are
+    laid out back to back in the workspace, so each must start at a multiple of its element
+    size there (order them from the largest element size to the smallest).
+    ``runtime_max_tokens_per_rank`` (``R``): the same on every rank, at least every rank's
+    ``L`` and at most the ``max_num_tokens`` of initialisation; a CUDA graph fixes it.
+
+    Returns ``(received, combine_payload_offset)``: ``received[i]`` is a view of this rank's
+    row, ``[ep_size, R, *]`` of payload ``i``'s dtype; row ``[src, j]`` holds a token from rank
+    ``src`` for ``j`` below the number ``src`` sent here (which slot a token gets is not
+    deterministic), other rows hold stale bytes. ``combine_payload_offset``: where the combine
+    region starts in the row (pass it to :func:`moe_a2a_combine`). The views stay valid until
+    the next dispatch on this workspace.
+
+    Ids outside ``[0, num_experts)`` are dropped and counted; with ``check_expert_ids=True``
+    the call synchronises and raises ``ValueError`` when it dropped any (not capturable).
+    ``enable_pdl``: programmatic dependent launch (default: on for SM90 and newer).
+    """
+    if tracing():
+        return _dispatch_untraced(
+            token_selected_experts,
+            input_payloads,
+            workspace,
+            metainfo,
+            runtime_max_tokens_per_rank,
+            ep_rank,
+            ep_size,
+            top_k,
+            num_experts,
+            enable_pdl,
+            check_expert_ids,
+        )
+    op = "moe_a2a_dispatch"
+    st = _state(op, workspace, ep_rank, metainfo)
+    experts = token_selected_experts
+    try:
+        key = (
+            ep_size,
+            top_k,
+            num_experts,
+            runtime_max_tokens_per_rank,
+            experts.dtype,
+            experts.shape,
+            experts.stride(),
+            experts.device,
+            tuple((p.dtype, p.shape, p.stride(), p.device) for p in input_payloads),
+        )
+        plan = st.plans.get(key)
+    except (AttributeError, TypeError):  # not tensors, or unhashable: the full checks say why
+        key, plan = None, None
+    if plan is None:
+        plan = _plan_dispatch(
+            op,
+            st,
+            experts,
+            input_payloads,
+            runtime_max_tokens_per_rank,
+            ep_size,
+            top_k,
+            num_experts,
+        )
+        if key is not None:
+            st.plans[key] = plan
+    before = int(st.dropped.item()) if check_expert_ids else 0  # synchronises
+    flat = []
+    for p, (stride, nbytes) in zip(input_payloads, plan.rows, strict=True):
+        flat += (p.data_ptr(), stride, nbytes)
+    pdl = _pdl_default(st.device) if enable_pdl is None else bool(enable_pdl)
+    _module().moe_a2a_dispatch_launch(
+        experts,
+        st.record,
+        st.dropped.data_ptr(),
+        num_experts,
+        runtime_max_tokens_per_rank,
+        flat,
+        pdl,
+    )
+    if check_expert_ids:
+        _raise_on_dropped(op, st, before, num_experts)
+    return list(plan.views), plan.combine_offset
+
+
+_dispatch_untraced = torch.compiler.disable(moe_a2a_dispatch)
+
+
+def _plan_dispatch(
+    op: str,
+    st: _Workspace,
+    experts: Any,
+    input_payloads: Any,
+    runtime_max_tokens_per_rank: Any,
+    ep_size: Any,
+    top_k: Any,
+    num_experts: Any,
+) -> _DispatchPlan:
+    """Check a dispatch signature the first time it is seen; return its plan."""
+    ep_size = _int(op, "ep_size", ep_size, 1)
+    if ep_size != st.world:
+        raise ValueError(f"{op}: ep_size ({ep_size}) differs from the workspace's ({st.world})")
+    experts = _tensor(op, "token_selected_experts", experts)
+    if experts.dtype != torch.int32:
+        raise TypeError(f"{op}: token_selected_experts.dtype ({experts.dtype}) must be int32")
+    if experts.device != st.workspace.device:
+        raise ValueError(
+            f"{op}: token_selected_experts is on {experts.device}, the workspace on "
+            f"{st.workspace.device}"
+        )
+    top_k = _int(op, "top_k", top_k, 1, MOE_A2A_MAX_TOP_K)
+    if experts.dim() != 2 or experts.size(1) != top_k or not experts.is_contiguous():
+        raise ValueError(
+            f"{op}: token_selected_experts ({tuple(experts.shape)}, strides {experts.stride()}) "
+            f"must be a contiguous [local tokens, top_k={top_k}] tensor"
+        )
+    _int(op, "num_experts", num_experts, ep_size, 1 << 30)
+    max_tokens = _int(op, "runtime_max_tokens_per_rank", runtime_max_tokens_per_rank, 1)
+    if max_tokens > st.layout.max_num_tokens:
+        raise ValueError(
+            f"{op}: runtime_max_tokens_per_rank ({max_tokens}) must be <= the max_num_tokens "
+            f"of initialisation ({st.layout.max_num_tokens})"
+        )
+    local = experts.size(0)
+    if local > max_tokens:
+        raise ValueError(
+            f"{op}: {local} local tokens exceed runtime_max_tokens_per_rank ({max_tokens})"
+        )
+    payloads = _payload_rows(op, input_payloads, local, experts.device)
+    _check_alignment(op, st, max_tokens, payloads)
+    views, combine = _dispatch_views(st, max_tokens, payloads)
+    return _DispatchPlan(tuple((s, b) for _, b, s in payloads), tuple(views), combine)
+
+
+def _raise_on_dropped(op: str, st: _Workspace, before: int, num_experts: int) -> None:
+    new = int(st.dropped.item()) - before  # synchronises
+    if new:
+        raise ValueError(
+            f"{op}: {new} (token, k) pairs had expert ids outside [0, {num_experts}); they were "
+            "not sent anywhere (the dispatch itself completed on every rank: run the combine)"
+        )
+
+
+def moe_a2a_dropped_expert_ids(workspace: torch.Tensor, ep_rank: int) -> int:
+    """How many (token, k) pairs this rank's dispatches dropped since initialisation because
+    their expert id lay outside ``[0, num_experts)``. Synchronises the device."""
+    st = _state("moe_a2a_dropped_expert_ids", workspace, ep_rank)
+    return int(st.dropped.item())
+
+
+# --- combine ------------------------------------------------------------------------------------
+
+
+def _combine_impl(
+    payload: torch.Tensor,
+    workspace: torch.Tensor,
+    out: torch.Tensor,
+    ep_rank: int,
+    top_k: int,
+    runtime_max_tokens_per_rank: int,
+    combine_payload_offset: int,
+    payload_in_workspace: bool,
+    enable_pdl: bool,
+) -> None:
+    st = _state("moe_a2a_combine", workspace, ep_rank)
+    _module().moe_a2a_combine_launch(
+        out,
+        st.record,
+        0 if payload_in_workspace else payload.data_ptr(),
+        top_k,
+        runtime_max_tokens_per_rank,
+        combine_payload_offset,
+        enable_pdl,
+    )
+
+
+_combine_op = register_op(
+    "moe_a2a_combine(Tensor payload, Tensor(a!) workspace, Tensor(b!) out, int ep_rank, "
+    "int top_k, int runtime_max_tokens_per_rank, int combine_payload_offset, "
+    "bool payload_in_workspace, bool enable_pdl) -> ()",
+    _combine_impl,
+    lambda *args: None,
+)
+
+
+def moe_a2a_combine(
+    payload: torch.Tensor,
+    local_num_tokens: int,
+    workspace: torch.Tensor,
+    metainfo: torch.Tensor,
+    runtime_max_tokens_per_rank: int,
+    ep_rank: int,
+    ep_size: int,
+    top_k: int,
+    combine_payload_offset: int,
+    payload_in_workspace: bool = False,
+    enable_pdl: bool | None = None,
+    *,
+    output: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Bring the experts' results back to the tokens' ranks and sum them per token.
+
+    ``payload``: ``[ep_size, R, H]`` float16, bfloat16 or float32 (``H`` times the element
+    size a multiple of 16 bytes): row ``[src, j]`` is this rank's result for the token in slot
+    ``j`` received from ``src`` in the last dispatch, router weights already applied; only
+    rows of received tokens are read. With ``payload_in_workspace=True`` it must be the view
+    at ``combine_payload_offset`` of the own row (``MoeAlltoAll.
+    get_combine_payload_tensor_in_workspace``) and no copy is made. ``local_num_tokens``: this
+    rank's ``L`` of the dispatch; ``R`` and ``top_k`` as in the dispatch.
+
+    Returns ``[local_num_tokens, H]`` of the payload's dtype (``output`` if given: a contiguous
+    CUDA tensor of exactly that shape and dtype): for each local token the fp32 sum over its
+    ``top_k`` pairs of the row its owner sent back (each owner once; a pair that sent nothing
+    counts as +0), in a fixed order (a pairwise tree for top_k 2, 4, 6, 8, 10, 16, 22,
+    sequential otherwise), rounded once. Same routing, same bits, every run. A rank with no
+    local tokens still takes part and returns ``[0, H]``.
+    """
+    if tracing():
+        return _untraced_moe_a2a_combine(
+            payload,
+            local_num_tokens,
+            workspace,
+            metainfo,
+            runtime_max_tokens_per_rank,
+            ep_rank,
+            ep_size,
+            top_k,
+            combine_payload_offset,
+            payload_in_workspace,
+            enable_pdl,
+            output=output,
+        )
+    op = "moe_a2a_combine"
+    ep_size = _int(op, "ep_size", ep_size, 1)
+    st = _state(op, workspace, ep_rank, metainfo)
+    if ep_size != st.world:
+        raise ValueError(f"{op}: ep_size ({ep_size}) differs from the workspace's ({st.world})")
+    payload = _tensor(op, "payload", payload)
+    if payload.dtype not in _COMBINE_DTYPES:
+        raise TypeError(
+            f"{op}: payload.dtype ({payload.dtype}) must be float16, bfloat16 or float32"
+        )
+    max_tokens = _int(op, "runtime_max_tokens_per_rank", runtime_max_tokens_per_rank, 1)
+    if payload.dim() != 3 or payload.size(0) != ep_size or payload.size(1) != max_tokens:
+        raise ValueError(
+            f"{op}: payload ({tuple(payload.shape)}) must be [ep_size={ep_size}, "
+            f"runtime_max_tokens_per_rank={max_tokens}, hidden]"
+        )
+    if payload.device != st.workspace.device:
+        raise ValueError(
+            f"{op}: payload is on {payload.device}, the workspace on {st.workspace.device}"
+        )
+    if max_tokens > st.layout.max_num_tokens:
+        raise ValueError(
+            f"{op}: runtime_max_tokens_per_rank ({max_tokens}) must be <= the max_num_tokens "
+            f"of initialisation ({st.layout.max_num_tokens})"
+        )
+    local = _int(op, "local_num_tokens", local_num_tokens, 0, max_tokens)
+    top_k = _int(op, "top_k", top_k, 1, MOE_A2A_MAX_TOP_K)
+    hidden = payload.size(2)
+    row_bytes = hidden * payload.element_size()
+    if row_bytes == 0 or row_bytes % 16:
+        raise ValueError(
+            f"{op}: a payload row ({hidden} x {payload.element_size()} bytes) must be a positive "
+            "multiple of 16 bytes"
+        )
+    offset = _int(op, "combine_payload_offset", combine_payload_offset, 0)
+    end = offset + ep_size * max_tokens * row_bytes
+    if offset < st.layout.payload_data or offset % 16 or end > st.row_bytes:
+        raise ValueError(
+            f"{op}: the combine region [{offset}, {end}) must lie in the payload data of the "
+            f"row [{st.layout.payload_data}, {st.row_bytes}) at a multiple of 16 bytes"
+        )
+    if payload_in_workspace:
+        if payload.data_ptr() != st.own_row + offset or not payload.is_contiguous():
+            raise ValueError(
+                f"{op}: payload_in_workspace=True needs the payload to be the contiguous view at "
+                f"combine_payload_offset ({offset}) of this rank's row "
+                "(MoeAlltoAll.get_combine_payload_tensor_in_workspace)"
+            )
+    else:
+        payload = payload.contiguous()
+    out = _output(op, output, local, hidden, payload)
+    pdl = _pdl(enable_pdl, st.device)
+    _combine_impl(
+        payload, workspace, out, ep_rank, top_k, max_tokens, offset, bool(payload_in_workspace), pdl
+    )
+    return out
+
+
+_untraced_moe_a2a_combine = torch.compiler.disable(moe_a2a_combine)
+
+
+def _output(op: str, output: Any, local: int, hidden: int, payload: torch.Tensor) -> torch.Tensor:
+    if output is None:
+        return torch.empty((local, hidden), dtype=payload.dtype, device=payload.device)
+    output = _tensor(op, "output", output)
+    if (
+        output.shape != (local, hidden)
+        or output.dtype != payload.dtype
+        or output.device != payload.device
+        or not output.is_contiguous()
+    ):
+        raise ValueError(
+            f"{op}: output ({tuple(output.shape)}, {output.dtype}, {output.device}) must be a "
+            f"contiguous [{local}, {hidden}] {payload.dtype} tensor on {payload.device}"
+        )
+    return output
+
+
+# --- sanitize -----------------------------------------------------------------------------------
+
+
+def _sanitize_impl(
+    expert_ids: torch.Tensor,
+    workspace: torch.Tensor,
+    ep_rank: int,
+    invalid_expert_id: int,
+    enable_pdl: bool,
+) -> None:
+    st = _state("moe_a2a_sanitize_expert_ids", workspace, ep_rank)
+    _module().moe_a2a_sanitize_launch(
+        expert_ids, st.own_row + st.layout.recv_counters, invalid_expert_id, enable_pdl
+    )
+
+
+_sanitize_op = register_op(
+    "moe_a2a_sanitize_expert_ids(Tensor(a!) expert_ids, Tensor workspace, int ep_rank, "
+    "int invalid_expert_id, bool enable_pdl) -> ()",
+    _sanitize_impl,
+    lambda *args: None,
+)
+
+
+def moe_a2a_sanitize_expert_ids(
+    expert_ids: torch.Tensor,
+    workspace: torch.Tensor,
+    metainfo: torch.Tensor,
+    ep_rank: int,
+    invalid_expert_id: int,
+    enable_pdl: bool | None = None,
+) -> None:
+    """Mark the padding slots of the received expert ids, in place.
+
+    ``expert_ids``: int32 ``[ep_size, R, top_k]``, the received copy of the dispatched
+    ``token_selected_experts`` (a view :func:`moe_a2a_dispatch` returned). Every slot ``(src,
+    j)`` with ``j`` at or above the number of tokens ``src`` sent in the last dispatch gets
+    ``invalid_expert_id`` in all ``top_k`` entries; received slots are left as they are,
+    including ids of experts other ranks own (the expert kernels must skip those).
+    """
+    if tracing():
+        return _untraced_moe_a2a_sanitize_expert_ids(
+            expert_ids, workspace, metainfo, ep_rank, invalid_expert_id, enable_pdl
+        )
+    op = "moe_a2a_sanitize_expert_ids"
+    st = _state(op, workspace, ep_rank, metainfo)
+    ids = _tensor(op, "expert_ids", expert_ids)
+    if ids.dtype != torch.int32:
+        raise TypeError(f"{op}: expert_ids.dtype ({ids.dtype}) must be int32")
+    if ids.dim() != 3 or ids.size(0) != st.world:
+        raise ValueError(
+            f"{op}: expert_ids ({tuple(ids.shape)}) must be [ep_size={st.world}, R, top_k]"
+        )
+    if ids.device != st.workspace.device:
+        raise ValueError(
+            f"{op}: expert_ids is on {ids.device}, the workspace on {st.workspace.device}"
+        )
+    invalid = _int(op, "invalid_expert_id", invalid_expert_id, -(1 << 31), (1 << 31) - 1)
+    _sanitize_impl(ids, workspace, ep_rank, invalid, _pdl(enable_pdl, st.device))
+
+
+_untraced_moe_a2a_sanitize_expert_ids = torch.compiler.disable(moe_a2a_sanitize_expert_ids)
