@@ -30,29 +30,6 @@ struct Piece<1> {
   using type = uint8_t;
 };
 
-template <int kWidth>
-__device__ __forceinline__ void copy_row(uint8_t* dst, const uint8_t* src, int64_t bytes, int lane,
-                                         int team) {
-  using P = typename Piece<kWidth>::type;
-  constexpr int kUnroll = 4;
-  const P* s = reinterpret_cast<const P*>(src);
-  P* d = reinterpret_cast<P*>(dst);
-  const int64_t n = bytes / kWidth;
-  for (int64_t base = lane; base < n; base += int64_t{team} * kUnroll) {
-    P v[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t i = base + int64_t{u} * team;
-      if (i < n) v[u] = s[i];
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t i = base + int64_t{u} * team;
-      if (i < n) d[i] = v[u];
-    }
-  }
-}
-
 // scatter_row: copy_row to every destination dst_of(d), d < num_dests (nullptr: skip), loading
 // each piece once.
 template <int kWidth, typename DstOf>
@@ -94,16 +71,10 @@ __device__ __forceinline__ void scatter_row_width(int width, const DstOf& dst_of
   }
 }
 
-// copy_row with the width chosen at run time.
-__device__ __forceinline__ void copy_row_width(int width, uint8_t* dst, const uint8_t* src,
-                                               int64_t bytes, int lane, int team) {
-  switch (width) {
-    case 16: copy_row<16>(dst, src, bytes, lane, team); break;
-    case 8: copy_row<8>(dst, src, bytes, lane, team); break;
-    case 4: copy_row<4>(dst, src, bytes, lane, team); break;
-    case 2: copy_row<2>(dst, src, bytes, lane, team); break;
-    default: copy_row<1>(dst, src, bytes, lane, team); break;
-  }
+template <int kWidth>
+__device__ __forceinline__ void copy_row(uint8_t* dst, const uint8_t* src, int64_t bytes, int lane,
+                                         int team) {
+  scatter_row<kWidth>([dst](int) { return dst; }, 1, src, bytes, lane, team);
 }
 
 }  // namespace fusedcomm

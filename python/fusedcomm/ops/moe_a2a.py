@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import operator
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -44,6 +43,7 @@ from ..runtime.moe_a2a_workspace import (
     MoeA2ALayout,
     moe_a2a_metainfo,
 )
+from ..runtime.moe_a2a_workspace import _int as _int
 from ._register import register_op, tracing
 
 __all__ = [
@@ -72,19 +72,6 @@ def _describe() -> dict:
 @functools.cache
 def _pdl_default(device: int) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9
-
-
-def _int(op: str, name: str, value: Any, minimum: int, maximum: int | None = None) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{op}: {name} must be an int, got bool")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}") from None
-    if value < minimum or (maximum is not None and value > maximum):
-        bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-        raise ValueError(f"{op}: {name} ({value}) must be {bound}")
-    return value
 
 
 def _tensor(op: str, name: str, t: Any) -> torch.Tensor:
@@ -257,6 +244,14 @@ def _state(op: str, workspace: Any, ep_rank: Any, metainfo: Any = None) -> _Work
             raise ValueError(f"{op}: metainfo does not belong to this workspace")
     st.failure.check(op)
     return st
+
+
+def _max_tokens(op: str, st: _Workspace, value: Any) -> int:
+    """runtime_max_tokens_per_rank, checked against the workspace's max_num_tokens."""
+    bound = st.layout.max_num_tokens
+    return _int(
+        op, "runtime_max_tokens_per_rank (<= the max_num_tokens of initialisation)", value, 1, bound
+    )
 
 
 def _pdl(enable_pdl: Any, device: int) -> bool:
@@ -510,12 +505,7 @@ def _plan_dispatch(
             f"must be a contiguous [local tokens, top_k={top_k}] tensor"
         )
     _int(op, "num_experts", num_experts, ep_size, 1 << 30)
-    max_tokens = _int(op, "runtime_max_tokens_per_rank", runtime_max_tokens_per_rank, 1)
-    if max_tokens > st.layout.max_num_tokens:
-        raise ValueError(
-            f"{op}: runtime_max_tokens_per_rank ({max_tokens}) must be <= the max_num_tokens "
-            f"of initialisation ({st.layout.max_num_tokens})"
-        )
+    max_tokens = _max_tokens(op, st, runtime_max_tokens_per_rank)
     local = experts.size(0)
     if local > max_tokens:
         raise ValueError(
@@ -635,7 +625,7 @@ def moe_a2a_combine(
         raise TypeError(
             f"{op}: payload.dtype ({payload.dtype}) must be float16, bfloat16 or float32"
         )
-    max_tokens = _int(op, "runtime_max_tokens_per_rank", runtime_max_tokens_per_rank, 1)
+    max_tokens = _max_tokens(op, st, runtime_max_tokens_per_rank)
     if payload.dim() != 3 or payload.size(0) != ep_size or payload.size(1) != max_tokens:
         raise ValueError(
             f"{op}: payload ({tuple(payload.shape)}) must be [ep_size={ep_size}, "
@@ -644,11 +634,6 @@ def moe_a2a_combine(
     if payload.device != st.workspace.device:
         raise ValueError(
             f"{op}: payload is on {payload.device}, the workspace on {st.workspace.device}"
-        )
-    if max_tokens > st.layout.max_num_tokens:
-        raise ValueError(
-            f"{op}: runtime_max_tokens_per_rank ({max_tokens}) must be <= the max_num_tokens "
-            f"of initialisation ({st.layout.max_num_tokens})"
         )
     local = _int(op, "local_num_tokens", local_num_tokens, 0, max_tokens)
     top_k = _int(op, "top_k", top_k, 1, MOE_A2A_MAX_TOP_K)

@@ -200,6 +200,13 @@ class MoeAlltoAll:
                 "dispatch() then combine())"
             )
 
+    def _same_round(self, what: str, runtime_max_tokens_per_rank: int) -> None:
+        if runtime_max_tokens_per_rank != self._max_tokens:
+            raise MoeA2AArgumentError(
+                f"MoeAlltoAll.{what}: runtime_max_tokens_per_rank ({runtime_max_tokens_per_rank}) "
+                f"must be the dispatch's ({self._max_tokens})"
+            )
+
     def dispatch(
         self,
         token_selected_experts: torch.Tensor,
@@ -279,11 +286,7 @@ class MoeAlltoAll:
         results of the last dispatch; returns ``[local_num_tokens, H]``. ``R`` must be the
         dispatch's. Ends the round."""
         self._expect("dispatched", "combine")
-        if runtime_max_tokens_per_rank != self._max_tokens:
-            raise MoeA2AArgumentError(
-                f"MoeAlltoAll.combine: runtime_max_tokens_per_rank ({runtime_max_tokens_per_rank}) "
-                f"must be the dispatch's ({self._max_tokens})"
-            )
+        self._same_round("combine", runtime_max_tokens_per_rank)
         out = _a2a.moe_a2a_combine(
             payload,
             self._local_num_tokens,
@@ -312,11 +315,7 @@ class MoeAlltoAll:
                 "MoeAlltoAll.get_combine_payload_tensor_in_workspace: needs a dispatch() first "
                 f"(phase is {self._phase!r})"
             )
-        if runtime_max_tokens_per_rank != self._max_tokens:
-            raise MoeA2AArgumentError(
-                "MoeAlltoAll.get_combine_payload_tensor_in_workspace: runtime_max_tokens_per_rank "
-                f"({runtime_max_tokens_per_rank}) must be the dispatch's ({self._max_tokens})"
-            )
+        self._same_round("get_combine_payload_tensor_in_workspace", runtime_max_tokens_per_rank)
         start = self.ep_rank * self.workspace.stride(0) + self._combine_offset
         size = self.ep_size * runtime_max_tokens_per_rank * hidden_size * dtype.itemsize
         return moe_a2a_wrap_payload_tensor_in_workspace(

@@ -46,7 +46,7 @@ import torch
 
 from ..dlpack_utils import pack_strided_memory
 from .cuda_ipc import require_cuda
-from .fusion_workspace import _local_step
+from .fusion_workspace import _int_arg, _local_step
 
 __all__ = ["EXCHANGE_TIMEOUT_S", "PeerMemory", "exchange_fds", "peer_memory_workspace"]
 
@@ -63,14 +63,6 @@ def _runtime():
     from ..jit import load_module
 
     return load_module("runtime")
-
-
-def _int_arg(op: str, name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < minimum:
-        raise ValueError(f"{op}: {name} ({value}) must be >= {minimum}")
-    return value
 
 
 def _timeout_arg(op: str, timeout_s: Any) -> float:
