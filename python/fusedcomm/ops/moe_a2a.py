@@ -616,8 +616,72 @@ def moe_a2a_combine(
             output=output,
         )
     op = "moe_a2a_combine"
-    ep_size = _int(op, "ep_size", ep_size, 1)
     st = _state(op, workspace, ep_rank, metainfo)
+    in_workspace = bool(payload_in_workspace)
+    try:
+        key = (
+            ep_size,
+            local_num_tokens,
+            runtime_max_tokens_per_rank,
+            top_k,
+            combine_payload_offset,
+            in_workspace,
+            payload.dtype,
+            payload.shape,
+            payload.stride(),
+            payload.device,
+        )
+        checked = key in st.plans
+    except (AttributeError, TypeError):  # not a tensor, or unhashable: the checks say why
+        key, checked = None, False
+    if not checked:
+        _check_combine(
+            op,
+            st,
+            payload,
+            local_num_tokens,
+            runtime_max_tokens_per_rank,
+            ep_size,
+            top_k,
+            combine_payload_offset,
+        )
+        if key is not None:
+            st.plans[key] = True
+    if in_workspace:
+        if payload.data_ptr() != st.own_row + combine_payload_offset or not payload.is_contiguous():
+            raise ValueError(
+                f"{op}: payload_in_workspace=True needs the payload to be the contiguous view at "
+                f"combine_payload_offset ({combine_payload_offset}) of this rank's row "
+                "(MoeAlltoAll.get_combine_payload_tensor_in_workspace)"
+            )
+    elif not payload.is_contiguous():
+        payload = payload.contiguous()
+    out = _output(op, output, local_num_tokens, payload.size(2), payload)
+    pdl = _pdl_default(st.device) if enable_pdl is None else bool(enable_pdl)
+    _module().moe_a2a_combine_launch(
+        out,
+        st.record,
+        0 if in_workspace else payload.data_ptr(),
+        top_k,
+        runtime_max_tokens_per_rank,
+        combine_payload_offset,
+        pdl,
+    )
+    return out
+
+
+def _check_combine(
+    op: str,
+    st: _Workspace,
+    payload: Any,
+    local_num_tokens: Any,
+    runtime_max_tokens_per_rank: Any,
+    ep_size: Any,
+    top_k: Any,
+    combine_payload_offset: Any,
+) -> None:
+    """Check a combine signature the first time it is seen."""
+    ep_size = _int(op, "ep_size", ep_size, 1)
     if ep_size != st.world:
         raise ValueError(f"{op}: ep_size ({ep_size}) differs from the workspace's ({st.world})")
     payload = _tensor(op, "payload", payload)
@@ -635,8 +699,8 @@ def moe_a2a_combine(
         raise ValueError(
             f"{op}: payload is on {payload.device}, the workspace on {st.workspace.device}"
         )
-    local = _int(op, "local_num_tokens", local_num_tokens, 0, max_tokens)
-    top_k = _int(op, "top_k", top_k, 1, MOE_A2A_MAX_TOP_K)
+    _int(op, "local_num_tokens", local_num_tokens, 0, max_tokens)
+    _int(op, "top_k", top_k, 1, MOE_A2A_MAX_TOP_K)
     hidden = payload.size(2)
     row_bytes = hidden * payload.element_size()
     if row_bytes == 0 or row_bytes % 16:
@@ -651,21 +715,6 @@ def moe_a2a_combine(
             f"{op}: the combine region [{offset}, {end}) must lie in the payload data of the "
             f"row [{st.layout.payload_data}, {st.row_bytes}) at a multiple of 16 bytes"
         )
-    if payload_in_workspace:
-        if payload.data_ptr() != st.own_row + offset or not payload.is_contiguous():
-            raise ValueError(
-                f"{op}: payload_in_workspace=True needs the payload to be the contiguous view at "
-                f"combine_payload_offset ({offset}) of this rank's row "
-                "(MoeAlltoAll.get_combine_payload_tensor_in_workspace)"
-            )
-    else:
-        payload = payload.contiguous()
-    out = _output(op, output, local, hidden, payload)
-    pdl = _pdl(enable_pdl, st.device)
-    _combine_impl(
-        payload, workspace, out, ep_rank, top_k, max_tokens, offset, bool(payload_in_workspace), pdl
-    )
-    return out
 
 
 _untraced_moe_a2a_combine = torch.compiler.disable(moe_a2a_combine)
