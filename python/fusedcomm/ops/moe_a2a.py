@@ -27,23 +27,27 @@ Every call is CUDA-graph capturable (no host synchronisation, no host-read count
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-import threading
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from .. import envs
-from ..runtime.failures import FailureState, FamilyNames
 from ..runtime.moe_a2a_workspace import (
     MOE_A2A_MAX_PAYLOADS,
     MOE_A2A_MAX_TOP_K,
-    MoeA2ALayout,
-    moe_a2a_metainfo,
 )
 from ..runtime.moe_a2a_workspace import _int as _int
+from ._moe_a2a_state import (
+    _max_tokens,
+    _module,
+    _pdl,
+    _pdl_default,
+    _state,
+    _tensor,
+    _Workspace,
+)
+from ._moe_a2a_state import moe_a2a_initialize as moe_a2a_initialize
 from ._register import register_op, tracing
 
 __all__ = [
@@ -55,210 +59,6 @@ __all__ = [
 ]
 
 _COMBINE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-@functools.cache
-def _module():
-    from ..jit import load_module
-
-    return load_module("moe_a2a")
-
-
-@functools.cache
-def _describe() -> dict:
-    return dict(_module().moe_a2a_describe())
-
-
-@functools.cache
-def _pdl_default(device: int) -> bool:
-    return torch.cuda.get_device_capability(device)[0] >= 9
-
-
-def _tensor(op: str, name: str, t: Any) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    return t
-
-
-@dataclasses.dataclass(eq=False)
-class _Workspace:
-    """What this process knows about one initialised workspace (one rank's view)."""
-
-    workspace: torch.Tensor
-    rank: int
-    world: int
-    layout: MoeA2ALayout
-    row_bytes: int
-    row_stride: int
-    device: int
-    metainfo: torch.Tensor
-    failure: FailureState
-    dropped: torch.Tensor  # int32 [1] on the device: ids outside [0, E) since initialisation
-    record: Any  # the ws record the entries take (see csrc/moe_a2a.cu)
-    plans: dict = dataclasses.field(default_factory=dict)
-
-    @property
-    def own_row(self) -> int:
-        return self.workspace.data_ptr() + self.rank * self.row_stride
-
-    def close(self) -> None:
-        self.failure.close()
-
-
-_lock = threading.Lock()
-_workspaces: dict[tuple[int, int], _Workspace] = {}
-
-
-def _rows(op: str, workspace: Any, ep_size: int) -> torch.Tensor:
-    workspace = _tensor(op, "workspace", workspace)
-    if workspace.dtype != torch.uint8:
-        raise TypeError(f"{op}: workspace.dtype ({workspace.dtype}) must be uint8")
-    if workspace.dim() != 2:
-        raise ValueError(f"{op}: workspace must be 2-D [ep_size, size], got {workspace.dim()}-D")
-    if workspace.size(0) != ep_size:
-        raise ValueError(
-            f"{op}: workspace.size(0) ({workspace.size(0)}) must equal ep_size ({ep_size})"
-        )
-    if not workspace.is_cuda:
-        raise ValueError(f"{op}: workspace must be CUDA memory, got {workspace.device}")
-    if workspace.size(1) > 1 and workspace.stride(1) != 1:
-        raise ValueError(f"{op}: workspace rows must be contiguous (strides {workspace.stride()})")
-    return workspace
-
-
-def moe_a2a_initialize(
-    workspace: torch.Tensor,
-    ep_rank: int,
-    ep_size: int,
-    max_num_tokens: int,
-    eplb_stats_num_experts: int = 0,
-    *,
-    timeout_s: float | None = None,
-) -> torch.Tensor:
-    """Prepare this rank's row of a MoE all-to-all workspace; return the metainfo tensor.
-
-    ``workspace``: ``uint8 [ep_size, size_per_rank]`` CUDA tensor whose row ``q`` is rank
-    ``q``'s memory (rows at one stride, as :class:`~fusedcomm.MoeAlltoAll` allocates them).
-    Zeroes the own row, starts a fresh failure state for this workspace (a workspace refused
-    after a failure is usable again once every rank has initialised it again) and synchronises
-    the current stream. ``max_num_tokens``: the most tokens any rank dispatches in one round.
-    ``timeout_s``: bound on every wait for a peer (default ``FUSEDCOMM_TIMEOUT_S``).
-
-    Collective in effect: every rank must finish it before any rank dispatches, so put a
-    barrier of the group after it (``MoeAlltoAll`` does). Returns the CPU int64 metainfo of
-    the row layout (equal on every rank; treat it as opaque).
-    """
-    op = "moe_a2a_initialize"
-    ep_size = _int(op, "ep_size", ep_size, 1)
-    ep_rank = _int(op, "ep_rank", ep_rank, 0, ep_size - 1)
-    max_num_tokens = _int(op, "max_num_tokens", max_num_tokens, 1)
-    eplb = _int(op, "eplb_stats_num_experts", eplb_stats_num_experts, 0)
-    workspace = _rows(op, workspace, ep_size)
-    timeout = envs.default_timeout_s() if timeout_s is None else float(timeout_s)
-    if not math.isfinite(timeout) or timeout <= 0:
-        raise ValueError(f"{op}: timeout_s ({timeout_s}) must be a positive number of seconds")
-    max_ranks = int(_describe()["max_ranks"])
-    if ep_size > max_ranks:
-        raise ValueError(
-            f"{op}: ep_size ({ep_size}) must be <= {max_ranks}: the kernels serve the GPUs of one "
-            "node"
-        )
-    layout = MoeA2ALayout(ep_size, max_num_tokens, eplb)
-    row_bytes = workspace.size(1)
-    if row_bytes < layout.payload_data:
-        raise ValueError(
-            f"{op}: a workspace row ({row_bytes} bytes) must hold at least the auxiliary fields "
-            f"({layout.payload_data} bytes for ep_size {ep_size}, max_num_tokens "
-            f"{max_num_tokens}); size it with moe_a2a_get_workspace_size_per_rank"
-        )
-    row_stride = workspace.stride(0) if ep_size > 1 else row_bytes
-    if workspace.data_ptr() % 128 or row_stride % 128:
-        raise ValueError(f"{op}: workspace rows must start at multiples of 128 bytes")
-    device = workspace.device.index
-    d = _describe()
-    names = FamilyNames(op=str(d["op"]), phases=tuple(str(p) for p in d["phases"]))
-
-    with torch.cuda.device(device):
-        workspace[ep_rank].zero_()
-        torch.cuda.current_stream().synchronize()
-        failure = FailureState(device, names)
-        dropped = torch.zeros(1, dtype=torch.int32, device=workspace.device)
-    record = [
-        device,
-        workspace.data_ptr(),
-        row_stride,
-        row_bytes,
-        ep_size,
-        ep_rank,
-        max_num_tokens,
-        eplb,
-        failure.claim_ptr,
-        failure.record_device_ptr,
-        int(timeout * 1e9),
-    ]
-    metainfo = moe_a2a_metainfo(ep_size, max_num_tokens, eplb)
-    state = _Workspace(
-        workspace=workspace,
-        rank=ep_rank,
-        world=ep_size,
-        layout=layout,
-        row_bytes=row_bytes,
-        row_stride=row_stride,
-        device=device,
-        metainfo=metainfo,
-        failure=failure,
-        dropped=dropped,
-        record=_ffi_array(record),
-    )
-    with _lock:
-        old = _workspaces.pop((workspace.data_ptr(), ep_rank), None)
-        _workspaces[(workspace.data_ptr(), ep_rank)] = state
-    if old is not None:
-        old.close()
-    return metainfo
-
-
-def _ffi_array(values: list[int]):
-    import tvm_ffi
-
-    return tvm_ffi.convert(values)
-
-
-def _state(op: str, workspace: Any, ep_rank: Any, metainfo: Any = None) -> _Workspace:
-    workspace = _tensor(op, "workspace", workspace)
-    try:
-        st = _workspaces[(workspace.data_ptr(), ep_rank)]
-    except (KeyError, TypeError):
-        raise ValueError(
-            f"{op}: this workspace was not initialised for ep_rank {ep_rank!r} in this process; "
-            "call moe_a2a_initialize(workspace, ep_rank, ep_size, max_num_tokens) first"
-        ) from None
-    if workspace.shape != st.workspace.shape or workspace.stride() != st.workspace.stride():
-        raise ValueError(
-            f"{op}: workspace ({tuple(workspace.shape)}, strides {workspace.stride()}) is not "
-            f"the tensor that was initialised ({tuple(st.workspace.shape)})"
-        )
-    if metainfo is not None and metainfo is not st.metainfo:
-        metainfo = _tensor(op, "metainfo", metainfo)
-        if metainfo.shape != st.metainfo.shape or not torch.equal(metainfo.cpu(), st.metainfo):
-            raise ValueError(f"{op}: metainfo does not belong to this workspace")
-    st.failure.check(op)
-    return st
-
-
-def _max_tokens(op: str, st: _Workspace, value: Any) -> int:
-    """runtime_max_tokens_per_rank, checked against the workspace's max_num_tokens."""
-    bound = st.layout.max_num_tokens
-    return _int(
-        op, "runtime_max_tokens_per_rank (<= the max_num_tokens of initialisation)", value, 1, bound
-    )
-
-
-def _pdl(enable_pdl: Any, device: int) -> bool:
-    return _pdl_default(device) if enable_pdl is None else bool(enable_pdl)
-
-
-# --- dispatch -----------------------------------------------------------------------------------
 
 
 def _row_is_contiguous(shape: Sequence[int], stride: Sequence[int]) -> bool:
