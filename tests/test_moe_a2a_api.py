@@ -4,9 +4,7 @@ side (the module's unit count, the combine summation tree, compiled here as a ho
 The kernels themselves are tested in tests/test_moe_a2a_gpu.py."""
 
 import re
-import shutil
 import struct
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,7 @@ from fusedcomm.jit import moe_a2a as jit_moe_a2a
 from fusedcomm.ops.moe_alltoall import MoeA2AArgumentError, MoeA2AStateError
 from fusedcomm.reference.moe_a2a import combine_sum, combine_sum_steps
 from fusedcomm.runtime.moe_a2a_workspace import moe_a2a_metainfo
+from host_program import run_host_program
 
 ROOT = Path(__file__).resolve().parents[1]
 W = 2  # ep_size of the CPU cases
@@ -184,22 +183,6 @@ def test_jit_parts_equal_the_header():
     assert len(units) == 1 + jit_moe_a2a.PARTS
 
 
-def _compiler() -> list[str] | None:
-    for name in ("g++", "c++", "clang++"):
-        path = shutil.which(name)
-        if path:
-            return [
-                path,
-                "-std=c++17",
-                "-x",
-                "c++",
-                "-D__host__=",
-                "-D__device__=",
-                "-D__forceinline__=inline",
-            ]
-    return None
-
-
 def _f32_bits(x: float) -> int:
     return struct.unpack("<I", struct.pack("<f", x))[0]
 
@@ -213,15 +196,13 @@ def _sum_terms(k: int) -> list[float]:
 
 
 def _cpp_trees(tmp_path) -> dict[int, tuple[list[tuple[int, int]], int]]:
-    cxx = _compiler()
-    if cxx is None:
-        pytest.skip("no host C++ compiler (g++, c++ or clang++) on PATH to compile the header")
     body = []
     for k in range(1, 23):
         terms = ", ".join(f"{_f32_bits(x)}u" for x in _sum_terms(k))
         body.append(f"  show<{k}>({{{terms}}});")
-    source = tmp_path / "combine_tree.cpp"
-    source.write_text(
+    out = run_host_program(
+        tmp_path,
+        "combine_tree",
         "#include <cstdint>\n#include <cstdio>\n#include <cstring>\n"
         '#include "fusedcomm/proto/combine_sum.cuh"\n'
         "using fusedcomm::CombineTree;\n"
@@ -237,16 +218,8 @@ def _cpp_trees(tmp_path) -> dict[int, tuple[list[tuple[int, int]], int]]:
         "  std::memcpy(&out, &sum, 4);\n"
         '  std::printf(" %u\\n", out);\n'
         "}\n"
-        "int main() {\n" + "\n".join(body) + "\n  return 0;\n}\n"
+        "int main() {\n" + "\n".join(body) + "\n  return 0;\n}\n",
     )
-    binary = tmp_path / "combine_tree"
-    subprocess.run(
-        [*cxx, "-I", str(ROOT / "include"), str(source), "-o", str(binary)],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    out = subprocess.run([str(binary)], check=True, capture_output=True, text=True).stdout
     trees = {}
     for line in out.splitlines():
         v = [int(x) for x in line.split()]

@@ -5,8 +5,6 @@ Offsets are checked against hand-computed values and against the C++ layout head
 """
 
 import secrets
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -20,6 +18,7 @@ from fusedcomm.runtime.moe_a2a_workspace import (
     moe_a2a_wrap_payload_tensor_in_workspace,
     moe_workspace_size_per_rank,
 )
+from host_program import run_host_program
 
 ROOT = Path(__file__).resolve().parents[1]
 wrap = moe_a2a_wrap_payload_tensor_in_workspace
@@ -141,18 +140,7 @@ CPP_CASES = [
 ]
 
 
-def _compiler() -> list[str] | None:
-    for name in ("g++", "c++", "clang++"):
-        path = shutil.which(name)
-        if path:
-            return [path, "-std=c++17", "-x", "c++", "-D__host__=", "-D__device__="]
-    return None
-
-
 def _cpp_numbers(tmp_path) -> list[list[int]]:
-    cxx = _compiler()
-    if cxx is None:
-        pytest.skip("no host C++ compiler (g++, c++ or clang++) on PATH to compile the header")
     lines = []
     for w, m, n, r, payloads, combine in CPP_CASES:
         sizes = ", ".join(str(b) for b in payloads)
@@ -168,20 +156,13 @@ def _cpp_numbers(tmp_path) -> list[list[int]]:
             f'    std::printf(" %lld %lld\\n", (long long)rd.combine_region(), '
             f"(long long)rd.combine_end({combine})); }}"
         )
-    source = tmp_path / "moe_a2a_layout.cpp"
-    source.write_text(
+    out = run_host_program(
+        tmp_path,
+        "moe_a2a_layout",
         '#include <cstdio>\n#include "fusedcomm/layout/moe_a2a.cuh"\n'
         "using fusedcomm::MoeA2ALayout;\nusing fusedcomm::MoeA2ARound;\n"
-        "int main() {\n" + "\n".join(lines) + "\n  return 0;\n}\n"
+        "int main() {\n" + "\n".join(lines) + "\n  return 0;\n}\n",
     )
-    binary = tmp_path / "moe_a2a_layout"
-    subprocess.run(
-        [*cxx, "-I", str(ROOT / "include"), str(source), "-o", str(binary)],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    out = subprocess.run([str(binary)], check=True, capture_output=True, text=True).stdout
     return [[int(v) for v in line.split()] for line in out.splitlines()]
 
 
