@@ -7,10 +7,14 @@ has the GPUs::
 
     python -m pytest -m gpu --world-size 8 tests
 
-Skip rule: ``gpu(n)`` marks a test that needs at least ``n`` visible CUDA GPUs. A test that
-also takes ``world_size`` needs ``max(n, world_size)`` of them (one GPU per rank), so a
-multi-GPU test is written as ``@pytest.mark.gpu(2)`` plus the fixture and skips cleanly where
-the chosen world size does not fit. ``mpi`` tests skip without mpi4py or an MPI launcher.
+Skip rule: ``gpu(n)`` marks a test that needs ``n`` GPU ranks (``max(n, world_size)`` for a
+test that also takes ``world_size``), not ``n`` GPUs: ranks go on GPU ``rank % visible``, so on
+a one-GPU host every multi-rank test runs with ranks that *share* the GPU (their kernels
+time-slice; correctness only). Such a test skips only where no GPU is visible.
+``distinct_gpus`` marks a test that needs one GPU per rank by nature (P2P / NVLink matrices,
+NCCL itself); it skips where the ranks would share a GPU, and under
+``FUSEDCOMM_TEST_SHARE_GPU=1``, which forces every rank onto GPU 0. ``mpi`` tests skip without
+mpi4py or an MPI launcher.
 
 NVLink multicast is disabled for every process the tests start.
 """
@@ -66,7 +70,12 @@ def pytest_configure(config):
 
 
 def pytest_report_header(config):
-    return f"fusedcomm: multi-rank tests run at world size {config.fusedcomm_world_size}"
+    world = config.fusedcomm_world_size
+    line = f"fusedcomm: multi-rank tests run at world size {world}"
+    gpus = _visible_gpus()
+    if gpus and ranks_share_gpu(world, gpus):
+        line += f"; ranks share GPU 0 ({gpus} visible): correctness only"
+    return line
 
 
 @pytest.fixture(scope="session")
@@ -76,9 +85,15 @@ def world_size(pytestconfig) -> int:
 
 
 def _visible_gpus() -> int:
-    import torch
+    from fusedcomm.testing.dist import visible_gpus
 
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return visible_gpus()
+
+
+def ranks_share_gpu(world: int, gpus: int) -> bool:
+    from fusedcomm.testing.dist import ranks_share_gpu as share
+
+    return share(world, gpus)
 
 
 def _mpi_missing() -> str | None:
@@ -92,7 +107,7 @@ def _mpi_missing() -> str | None:
 
 
 def gpus_needed(item, world: int) -> int | None:
-    """GPUs a collected test needs (None without a ``gpu`` marker)."""
+    """GPU ranks a collected test needs (None without a ``gpu`` marker)."""
     marker = item.get_closest_marker("gpu")
     if marker is None:
         return None
@@ -102,19 +117,29 @@ def gpus_needed(item, world: int) -> int | None:
     return needed
 
 
+def skip_reason(item, world: int, gpus: int) -> str | None:
+    """Why a GPU test cannot run with ``gpus`` visible (None: it runs)."""
+    needed = gpus_needed(item, world)
+    if needed is None:
+        return None
+    suffix = f" (world size {world})" if "world_size" in item.fixturenames else ""
+    if gpus < 1:
+        return f"needs a CUDA GPU for {needed} rank(s), none visible{suffix}"
+    if item.get_closest_marker("distinct_gpus") is not None and ranks_share_gpu(needed, gpus):
+        return f"needs {needed} distinct GPUs, {gpus} visible or ranks forced to share{suffix}"
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
     world = config.fusedcomm_world_size
     gpus = None
     mpi_missing = ...
     for item in items:
-        needed = gpus_needed(item, world)
-        if needed is not None:
+        if item.get_closest_marker("gpu") is not None:
             if gpus is None:
                 gpus = _visible_gpus()
-            if gpus < needed:
-                why = f"needs {needed} CUDA GPU(s), {gpus} visible"
-                if "world_size" in item.fixturenames:
-                    why += f" (world size {world})"
+            why = skip_reason(item, world, gpus)
+            if why:
                 item.add_marker(pytest.mark.skip(reason=why))
         if item.get_closest_marker("mpi") is not None:
             if mpi_missing is ...:

@@ -104,6 +104,7 @@ def _nccl_backend_rank(rank, world_size, token):
 
 
 @pytest.mark.gpu(2)
+@pytest.mark.distinct_gpus  # NCCL itself refuses two ranks on one GPU
 def test_torch_dist_backend_nccl(world_size):
     n, last = world_size, world_size - 1
     token = os.urandom(6).hex()

@@ -15,7 +15,7 @@ from fusedcomm.runtime.cuda_ipc import (
     free_shared_buffer,
 )
 from fusedcomm.testing.checks import Failures, assert_no_failures
-from fusedcomm.testing.dist import run_ranks
+from fusedcomm.testing.dist import barrier, run_ranks
 
 # ----------------------------------------------------------------------------- CPU
 
@@ -122,7 +122,6 @@ def _expected(rank, numel, seed):
 
 
 def _rank_shared_buffer(rank, world_size, seed, use_backend):
-    import torch.distributed as dist
 
     from fusedcomm.dlpack_utils import pack_strided_memory
     from fusedcomm.runtime.comm_backend import TorchDistBackend
@@ -140,7 +139,7 @@ def _rank_shared_buffer(rank, world_size, seed, use_backend):
     own = pack_strided_memory(ptrs[rank], size, size, 1, torch.int32, dev)
     own.copy_(_expected(rank, numel, seed).view(1, -1).cuda())
     torch.cuda.synchronize()
-    dist.barrier()
+    barrier()
 
     lib = cuda_ipc._default_lib()
     failures = Failures()  # every slot is checked, and every wrong one named
@@ -156,7 +155,7 @@ def _rank_shared_buffer(rank, world_size, seed, use_backend):
         failures.check(torch.equal(dst.cpu(), want), f"cudaMemcpy of slot {peer} differs")
 
     # Everyone has checked every slot before anyone overwrites one.
-    dist.barrier()
+    barrier()
     # Write into the next rank's slot remotely; it checks after the barrier.
     nxt = (rank + 1) % world_size
     remote = torch.randint(
@@ -168,7 +167,7 @@ def _rank_shared_buffer(rank, world_size, seed, use_backend):
     )
     pack_strided_memory(ptrs[nxt], size, size, 1, torch.int32, dev).copy_(remote.view(1, -1))
     torch.cuda.synchronize()
-    dist.barrier()
+    barrier()
     prev = (rank - 1) % world_size
     from_prev = torch.randint(
         0,
@@ -181,7 +180,7 @@ def _rank_shared_buffer(rank, world_size, seed, use_backend):
         torch.equal(own.cpu().view(-1), from_prev),
         f"own slot does not hold what rank {prev} wrote into it",
     )
-    dist.barrier()
+    barrier()
 
     free_shared_buffer(ptrs, **kwargs)
     with pytest.raises(ValueError, match="free_shared_buffer"):
@@ -200,19 +199,18 @@ def test_shared_buffer_across_ranks(use_backend, world_size):
 
 
 def _rank_create_free_rounds(rank, world_size, rounds, size):
-    import torch.distributed as dist
 
     # Warm up once so lazily created runtime state is not counted as a leak.
     free_shared_buffer(create_shared_buffer(size))
     torch.cuda.synchronize()
-    dist.barrier()
+    barrier()
     free_before, _ = torch.cuda.mem_get_info()
     for _ in range(rounds):
         ptrs = create_shared_buffer(size)
         assert len(ptrs) == world_size
         free_shared_buffer(ptrs)
     torch.cuda.synchronize()
-    dist.barrier()
+    barrier()
     free_after, _ = torch.cuda.mem_get_info()
     return free_before - free_after
 

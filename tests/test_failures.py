@@ -11,12 +11,11 @@ import time
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import fusedcomm as comm
 from fusedcomm.ops import vllm_ar
 from fusedcomm.runtime.vllm_comm import VllmComm
-from fusedcomm.testing.dist import run_ranks
+from fusedcomm.testing.dist import all_reduce, barrier, run_ranks
 
 N = 4096  # fp32 elements: 16 KiB, two blocks
 
@@ -57,7 +56,7 @@ def _rank_late_peer(rank, world, algorithm):
         assert not torch.any(out == wrong), "a late rank computed on the next call's data"
         assert error is not None, f"rank {rank} got no error (out[0] = {out[0].item()})"
         assert isinstance(error, comm.PeerAbortedError) and error.peer == 0, repr(error)
-    dist.barrier()
+    barrier()
     c.close()
 
 
@@ -76,20 +75,20 @@ def _rank_second_communicator(rank, world):
         a.all_reduce(_full(1))
         torch.cuda.synchronize()
         assert vllm_ar._handles[a.fa].failure.failed()
-    dist.barrier()
+    barrier()
     for _ in range(3):
         x = torch.randint(-64, 64, (N,), device="cuda", generator=gen).float()
         out = torch.full_like(x, float("nan"))
         b.all_reduce(x, out)
         ref = x.clone()
-        dist.all_reduce(ref)
+        all_reduce(ref)
         torch.cuda.synchronize()
         assert torch.equal(out, ref)
     assert not vllm_ar._handles[b.fa].failure.failed()
     if rank == 0:
         with pytest.raises(comm.PeerTimeoutError):
             comm.check_errors()
-    dist.barrier()
+    barrier()
     a.close()
     b.close()
 
@@ -107,7 +106,7 @@ def _rank_mismatch(rank, world):
     error = _raises_comm_failure()
     assert isinstance(error, (comm.ProtocolMismatchError, comm.PeerAbortedError)), repr(error)
     del out
-    dist.barrier()
+    barrier()
     c.close()
     return type(error).__name__
 
@@ -122,7 +121,7 @@ def _rank_dies_mid_call(rank, world):
     """The last rank launches a call and is killed; the others raise within the timeout."""
     c = VllmComm(1 << 22, timeout_s=2.0)
     x = _full(rank + 1, n=1 << 20)
-    dist.barrier()
+    barrier()
     if rank == world - 1:
         c.all_reduce(x)
         os.kill(os.getpid(), signal.SIGKILL)
@@ -160,13 +159,13 @@ def _rank_graph_replay_learns(rank, world):
     torch.cuda.synchronize()
     assert torch.all(out == world * (world + 1) / 2)
     comm.check_errors(synchronize=False)
-    dist.barrier()
+    barrier()
     if rank == 0:
         graph.replay()  # alone: the others stopped serving
         time.sleep(1.5)  # no device sync: the record is in pinned host memory
         with pytest.raises(comm.PeerTimeoutError):
             comm.check_errors(synchronize=False)
-    dist.barrier()
+    barrier()
     torch.cuda.synchronize()
     del graph
     c.close()

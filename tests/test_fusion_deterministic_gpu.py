@@ -11,11 +11,10 @@ One launch of ranks per dtype runs 1 and 2 (a module-scoped fixture); each test 
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import fusedcomm as comm
 from fusedcomm.enums import AllReduceFusionPattern as P
-from fusedcomm.testing.dist import run_ranks
+from fusedcomm.testing.dist import barrier, run_ranks
 from test_fusion_gpu import _poison, _same_on_every_rank
 
 WS_HIDDEN, WS_TOKENS = 8192, 1000  # capacity by product: 8192000 elements
@@ -170,7 +169,7 @@ def _rank_deterministic(rank, world, dtype):
             _algorithms_agree(layer, pattern, gen, shared, algorithms)
             _batch_invariant(layer, pattern, gen, shared, batches)
     torch.cuda.synchronize()
-    dist.barrier()
+    barrier()
     ws.destroy()
     return {"algorithms": algorithms, "batches": batches}
 

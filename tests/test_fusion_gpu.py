@@ -17,7 +17,7 @@ from fusedcomm.reference.fusion import (
     quantize_fp8_dynamic,
     quantize_fp8_static,
 )
-from fusedcomm.testing.dist import run_ranks
+from fusedcomm.testing.dist import all_reduce, barrier, gather_all, run_ranks
 
 HIDDEN = 4096
 BUDGET = {2: 64 << 20, 4: 2 << 20, 8: 512 << 10}  # input bytes an engine allows per world size
@@ -62,8 +62,7 @@ def _make_workspace(backend, dtype, max_tokens, **kw):
 
 def _gather(t, order):
     """Every rank's ``t`` (CPU), indexed by workspace rank."""
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.contiguous())
+    parts = gather_all(t)
     return [parts[g].cpu() for g in order]
 
 
@@ -72,8 +71,7 @@ def _bits(t):
 
 
 def _same_on_every_rank(t):
-    parts = [torch.empty_like(_bits(t)) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, _bits(t).contiguous())
+    parts = gather_all(_bits(t))
     return all(torch.equal(parts[0], p) for p in parts[1:])
 
 
@@ -274,14 +272,14 @@ def _rank_engine(rank, world, kind, dtype):
             assert torch.equal(_bits(inplace[name]), _bits(sep[name])), f"in place: {name}"
 
     torch.cuda.synchronize()
-    dist.barrier()
+    barrier()
     ws.destroy()
     ws.destroy()
     assert random.getstate() == state
 
 
 @pytest.mark.gpu(2)
-@pytest.mark.parametrize("kind", ["gloo", "nccl"])
+@pytest.mark.parametrize("kind", ["gloo", pytest.param("nccl", marks=pytest.mark.distinct_gpus)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_engine_usage_end_to_end(world_size, kind, dtype):
     run_ranks(_rank_engine, world_size, backend="nccl", timeout_s=600, args=(kind, dtype))
@@ -351,7 +349,7 @@ def _rank_graph(rank, world, pattern, oneshot):
             )
     del graph
     torch.cuda.synchronize()
-    dist.barrier()
+    barrier()
     ws.destroy()
 
 
@@ -444,7 +442,7 @@ def _rank_compile(rank, world):
         test_utils=("test_schema", "test_faketensor"),
     )
     torch.cuda.synchronize()
-    dist.barrier()
+    barrier()
     ws.destroy()
 
 
@@ -474,7 +472,7 @@ def _rank_lost_peer(rank, world):
         assert elapsed < 2.0 + 15, f"the timeout took {elapsed:.1f} s"
         assert info.value.rank == 0 and info.value.peer != 0
         assert torch.ones(4, device="cuda").sum().item() == 4.0  # the context still works
-    dist.barrier()
+    barrier()
     ws.destroy()
 
 
@@ -512,10 +510,10 @@ def _rank_creation_failures(rank, world):
     y = torch.randint(-4, 5, (64, HIDDEN), device="cuda").to(torch.bfloat16)
     out = comm.allreduce_fusion(y[:32].reshape(16, 2 * HIDDEN).contiguous(), ws, 0)
     want = y[:32].reshape(16, 2 * HIDDEN).clone()
-    dist.all_reduce(want)  # integer values: NCCL's sum is exact too
+    all_reduce(want)  # integer values: NCCL's sum is exact too
     assert torch.equal(out, want), "workspace reuse with another shape"
     torch.cuda.synchronize()
-    dist.barrier()
+    barrier()
     ws.destroy()
 
 

@@ -18,7 +18,6 @@ the largest cases would take seconds each on the CPU.
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import fusedcomm as comm
 from fusedcomm.reference.fusion import (
@@ -26,7 +25,7 @@ from fusedcomm.reference.fusion import (
     quantize_fp8_dynamic,
     quantize_fp8_static,
 )
-from fusedcomm.testing.dist import run_ranks
+from fusedcomm.testing.dist import barrier, gather_all, run_ranks
 from test_fusion_gpu import _poison, _same_on_every_rank
 
 WS_HIDDEN, WS_TOKENS = 8192, 2048
@@ -137,9 +136,7 @@ def _problems(pattern, got, xs, case, dtype):
 
 
 def _gather(x):
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x)
-    return parts  # the workspace's ranks are the default group's
+    return gather_all(x)  # the workspace's ranks are the default group's
 
 
 def _run_case(ws, pattern, n, hidden, oneshot, case, dtype, gen, shared):
@@ -212,7 +209,7 @@ def _rank_matrix(rank, world, dtype):
                     failures += [f"{what}: {p}" for p in problems]
                     cases += 1
     torch.cuda.synchronize()
-    dist.barrier()
+    barrier()
     ws.destroy()
     return cases, failures
 

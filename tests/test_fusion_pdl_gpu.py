@@ -15,13 +15,12 @@ call made without PDL just before (the op is deterministic, so the bits must agr
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import fusedcomm as comm
 from fusedcomm.enums import AllReduceFusionPattern as P
 from fusedcomm.reference.fusion import fusion_all_reduce
 from fusedcomm.testing import pdl
-from fusedcomm.testing.dist import run_ranks
+from fusedcomm.testing.dist import barrier, gather_all, run_ranks
 from test_fusion_gpu import _poison
 
 HIDDEN = 4096
@@ -90,8 +89,7 @@ def _call(pattern, ws, x, residual, gamma, outs, *, pdl_on, trigger, oneshot):
 def _expected_into(expect, pattern, ws, x, residual, gamma, world, oneshot):
     """Fill ``expect`` (the pattern's outputs) with what the PDL call must produce."""
     if pattern == P.kAllReduce:
-        parts = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(parts, x)  # the workspace's ranks are the default group's
+        parts = gather_all(x)  # the workspace's ranks are the default group's
         expect["output"].copy_(fusion_all_reduce(parts, fp32_acc=True))
     else:
         _call(pattern, ws, x, residual, gamma, expect, pdl_on=False, trigger=True, oneshot=oneshot)
@@ -153,7 +151,7 @@ def _rank_eager(rank, world):
             torch.cuda.synchronize()
             counts[(int(pattern), trigger, oneshot)] = int(counter.item())
     torch.cuda.synchronize()
-    dist.barrier()
+    barrier()
     ws.destroy()
     return counts
 
@@ -223,7 +221,7 @@ def _rank_graph(rank, world):
                 ws, world, pattern, trigger, oneshot, gamma, gen, shared
             )
     torch.cuda.synchronize()
-    dist.barrier()
+    barrier()
     ws.destroy()
     return counts
 

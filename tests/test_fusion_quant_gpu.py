@@ -173,7 +173,6 @@ def _check_case(ws, case, rank, world, pattern, n, d, layout, g, dtype, failures
 
 
 def _rank_quant(rank, world, dtype):
-    torch.cuda.set_device(rank)
     ws = lamport_workspace(rank, world, MAX_TOKENS, MAX_HIDDEN, dtype)
     failures: list[str] = []
     try:
@@ -193,7 +192,6 @@ def test_block_quantisers_match_the_reference(world_size, dtype):
 
 
 def _rank_graph(rank, world):
-    torch.cuda.set_device(rank)
     dtype, n, d = torch.bfloat16, 129, 4096
     ws = lamport_workspace(rank, world, n, d, dtype)
     x, residual, gamma, scale = _inputs(7, rank, n, d, dtype)

@@ -17,7 +17,6 @@ import time
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import fusedcomm as comm
 from fusedcomm import Mapping, MoeAlltoAll
@@ -30,7 +29,7 @@ from fusedcomm.reference.moe_a2a import (
 )
 from fusedcomm.runtime.moe_a2a_workspace import MoeA2ALayout
 from fusedcomm.testing.checks import Failures, assert_no_failures
-from fusedcomm.testing.dist import gather_all, run_ranks
+from fusedcomm.testing.dist import barrier, gather_all, run_ranks
 
 MAX_TOKENS = 2048
 TOKENS = (0, 1, 17, 1024, MAX_TOKENS)
@@ -60,7 +59,7 @@ def _size(world, max_tokens):
 def _quiesce():
     """Every rank's earlier work is done (its reads of peers' rows included)."""
     torch.cuda.synchronize()
-    dist.barrier()
+    barrier()
     torch.cuda.synchronize()
 
 
@@ -302,7 +301,6 @@ def _matrix_cases(world):
 
 
 def _rank_matrix(rank, world):
-    torch.cuda.set_device(rank)
     f = Failures()
     instances, size = {}, _size(world, MAX_TOKENS)
     for c in _matrix_cases(world):
@@ -438,7 +436,6 @@ def _checked_round(f, what, a2a, rank, world, experts, payloads, r, expect_error
 
 
 def _rank_ids_and_state(rank, world):
-    torch.cuda.set_device(rank)
     f = Failures()
     m, hidden = 256, 2048
     tokens = [37 + 13 * q for q in range(world)]
@@ -486,7 +483,6 @@ def test_sanitize_out_of_range_ids_and_misuse(world_size):
 
 
 def _rank_graph(rank, world):
-    torch.cuda.set_device(rank)
     f = Failures()
     m, r, top_k, hidden = 128, 96, 8, 2048
     e = max(64, world)
@@ -539,7 +535,6 @@ def _failure_of(call):
 def _rank_missing_peer(rank, world):
     """The last rank skips a dispatch: the others raise within the timeout (never hang); the
     late rank raises at its late round, and every later call is refused."""
-    torch.cuda.set_device(rank)
     f = Failures()
     skipper, top_k, hidden, r = world - 1, 2, 2048, 32
     e = max(8, world)
@@ -565,9 +560,9 @@ def _rank_missing_peer(rank, world):
         else:
             refused = _failure_of(lambda: a2a.dispatch(experts[rank], payloads[rank], r))
         f.check(refused is not None and "refused" in str(refused), f"next call: {refused!r}")
-        dist.barrier()  # the skipper may come now
+        barrier()  # the skipper may come now
     else:
-        dist.barrier()
+        barrier()
         error = _failure_of(
             lambda: (
                 a2a.dispatch(experts[rank], payloads[rank], r),
@@ -580,7 +575,7 @@ def _rank_missing_peer(rank, world):
         refused = _failure_of(lambda: comm.moe_a2a_dropped_expert_ids(a2a.workspace, rank))
         f.check(refused is not None, "the late rank's workspace is not refused afterwards")
     torch.cuda.synchronize()
-    dist.barrier()
+    barrier()
     return f.messages, type(error).__name__
 
 

@@ -5,12 +5,11 @@ workspace usable again on every rank."""
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import fusedcomm as comm
 from fusedcomm import Mapping, MoeAlltoAll
 from fusedcomm.testing.checks import Failures, assert_no_failures
-from fusedcomm.testing.dist import run_ranks
+from fusedcomm.testing.dist import barrier, run_ranks
 
 HIDDEN, TOP_K, EXPERTS, TOKENS = 1024, 4, 16, 40
 
@@ -34,7 +33,6 @@ def _combine(a2a, received, rank, in_workspace):
 
 
 def _rank_modes(rank, world):
-    torch.cuda.set_device(rank)
     f = Failures()
     mapping = Mapping(world, rank, tp_size=world, moe_ep_size=world)
     a2a = MoeAlltoAll(mapping, 48, TOP_K, EXPERTS, hidden_size=HIDDEN, timeout_s=2.0)
@@ -59,7 +57,7 @@ def _rank_modes(rank, world):
         error = e
     f.check(error is not None, "a round with mixed combine modes did not raise")
     torch.cuda.synchronize()
-    dist.barrier()
+    barrier()
 
     # Recovery: reset on every rank, then a healthy round gives the first round's bits.
     a2a.reset()
@@ -68,7 +66,7 @@ def _rank_modes(rank, world):
     torch.cuda.synchronize()
     comm.check_errors()
     f.check(torch.equal(again, outs[0]), "the round after reset() differs")
-    dist.barrier()
+    barrier()
     return f.messages, type(error).__name__
 
 

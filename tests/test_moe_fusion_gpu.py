@@ -8,7 +8,6 @@ import itertools
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import fusedcomm as comm
 from fusedcomm.bench.workspace import lamport_workspace
@@ -17,7 +16,7 @@ from fusedcomm.enums import QuantizationSFLayout as L
 from fusedcomm.reference import quant as rq
 from fusedcomm.reference.moe import moe_allreduce_fusion_reference
 from fusedcomm.testing.checks import assert_no_failures
-from fusedcomm.testing.dist import gather_all, run_ranks, same_on_every_rank
+from fusedcomm.testing.dist import barrier, gather_all, run_ranks, same_on_every_rank
 
 MAX_TOKENS, MAX_HIDDEN = 256, 7168
 TOKENS = (1, 5, 128, MAX_TOKENS)
@@ -141,7 +140,6 @@ def _finalize_case(ws, case, rank, world, n, d, k, dtype, failures):
 
 
 def _rank_moe(rank, world, dtype):
-    torch.cuda.set_device(rank)
     ws = _workspace(world, rank, dtype)
     failures: list[str] = []
     try:
@@ -179,7 +177,6 @@ def _unified_finalize(ws, x, residual, gamma, norm_out, residual_out):
 
 
 def _rank_graph_and_compile(rank, world):
-    torch.cuda.set_device(rank)
     dtype, n, d, k = torch.bfloat16, 16, 4096, 8
     ws = _workspace(world, rank, dtype, max_tokens=64, hidden=d)
     failures = []
@@ -240,7 +237,6 @@ def _rank_call_number_wrap(rank, world):
     block waits on our own slot, which has no announcement to confuse with a peer's."""
     from fusedcomm.ops import _fusion_launch
 
-    torch.cuda.set_device(rank)
     dtype, n, d, e = torch.bfloat16, 1, 2048, 4
     ws = _workspace(world, rank, dtype, max_tokens=64, hidden=d)
     failures = []
@@ -249,7 +245,7 @@ def _rank_call_number_wrap(rank, world):
         control = torch.as_tensor(_DeviceWords(block.ptr, 8), device="cuda")
         control[1] = 2**24 - 3  # calls completed: the next calls cross 2^24
         torch.cuda.synchronize()
-        dist.barrier()
+        barrier()
         residual, gamma = _shared(3, n, d, dtype)
         for step in range(5):
             x = _reduction_inputs(200 + step, rank, n, d, e, dtype)

@@ -13,7 +13,7 @@ from fusedcomm.jit.modules import RUNTIME
 from fusedcomm.runtime import peer_memory
 from fusedcomm.runtime.comm_backend import SoloBackend, TorchDistBackend
 from fusedcomm.runtime.peer_memory import PeerMemory, exchange_fds
-from fusedcomm.testing.dist import RankFailure, run_ranks
+from fusedcomm.testing.dist import RankFailure, rank_device, run_ranks
 
 # ----------------------------------------------------------------------------- CPU: arguments
 
@@ -294,9 +294,9 @@ def _pattern(q: int, n: int, device) -> torch.Tensor:
 
 def _rank_peer_memory(rank, world_size, size):
     backend = TorchDistBackend()
-    dev = torch.device("cuda", rank)
-    mem = PeerMemory(size, backend, device=rank)
-    gran = int(peer_memory._runtime().peer_memory_granularity(rank))
+    dev = rank_device()
+    mem = PeerMemory(size, backend, device=dev.index)
+    gran = int(peer_memory._runtime().peer_memory_granularity(dev.index))
     assert mem.row_stride % gran == 0 and size <= mem.row_stride < size + gran
     t = mem.as_tensor()
     assert t.shape == (world_size, size) and t.dtype == torch.uint8 and t.device == dev

@@ -15,7 +15,7 @@ import fusedcomm as comm
 from fusedcomm import reference
 from fusedcomm.runtime.vllm_comm import VllmComm
 from fusedcomm.testing.checks import Failures, assert_no_failures
-from fusedcomm.testing.dist import run_ranks
+from fusedcomm.testing.dist import all_reduce, barrier, gather_all, run_ranks
 
 VEC = {torch.float32: 4, torch.float16: 8, torch.bfloat16: 8}
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -36,9 +36,7 @@ def _poisoned_like(x):
 
 
 def _gather(x):
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x)
-    return parts
+    return gather_all(x)
 
 
 def _int_bound(world, total=EXACT_BF16 // 2):
@@ -53,7 +51,7 @@ def _random_ints(shape, world, gen, total=EXACT_BF16 // 2):
 
 def _nccl_sum(x):
     expected = x.clone()
-    dist.all_reduce(expected)
+    all_reduce(expected)
     return expected
 
 
@@ -116,13 +114,13 @@ def _rank_registered_in_place(rank, world):
             for step in range(5):
                 inp.copy_(torch.randint(-8, 8, (numel,), generator=gen, device="cuda"))
                 torch.cuda.synchronize()
-                dist.barrier()
+                barrier()
                 out = _poisoned_like(inp)
                 comm.vllm_all_reduce(c.fa, inp, out, 0, 0, 36)
                 expected = _nccl_sum(inp)
                 failures.check(torch.equal(out, expected), f"n={numel} step {step}: != NCCL")
                 torch.cuda.synchronize()
-                dist.barrier()
+                barrier()
     return failures.messages
 
 
@@ -195,7 +193,7 @@ def _rank_timeout(rank, world):
         assert torch.ones(4, device="cuda").sum().item() == 4.0  # the context is still usable
         with pytest.raises(comm.PeerTimeoutError, match="refused on every rank"):
             c.all_reduce(x)  # its counters are out of step: refused, not silently wrong
-    dist.barrier()
+    barrier()
     comm.vllm_dispose(c.fa)
     # a fresh communicator works after the failure
     with VllmComm(1 << 20) as fresh:
@@ -217,7 +215,7 @@ def _rank_dispose(rank, world):
     rank_data = torch.empty(64 * 64, dtype=torch.uint8, device="cuda")
     x = torch.randn(2048, device="cuda", dtype=torch.bfloat16)
     torch.cuda.synchronize()
-    dist.barrier()
+    barrier()
     before = torch.cuda.mem_get_info()[0]
     for _ in range(100):
         fa = comm.vllm_init_custom_ar(meta, rank_data, rank, True)
@@ -231,7 +229,7 @@ def _rank_dispose(rank, world):
     torch.cuda.synchronize()
     after = torch.cuda.mem_get_info()[0]
     assert before - after < (2 << 20), f"device memory fell by {before - after} bytes"
-    dist.barrier()
+    barrier()
     comm.free_shared_buffer(meta)
     comm.free_shared_buffer(buf)
 

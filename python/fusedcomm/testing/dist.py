@@ -5,6 +5,14 @@
 127.0.0.1. A failing rank, a rank that dies, or a rank that never finishes makes
 the call raise in the parent; it never hangs the caller.
 
+GPU ranks (``backend="nccl"``) are placed on GPU ``rank % visible``. When two ranks land on
+one GPU (fewer GPUs than ranks, or ``FUSEDCOMM_TEST_SHARE_GPU=1``, which puts every rank on
+GPU 0) the ranks *share* a GPU: NCCL refuses two ranks on one device, so the harness's own
+process group is gloo instead, and the helpers below (:func:`barrier`, :func:`gather_all`,
+:func:`all_reduce`) make the tests' reference collectives work under either backend. Two
+processes on one GPU map each other's memory and their kernels time-slice, so every protocol
+runs; timings from such ranks mean nothing.
+
 :func:`mpirun_command` builds an ``mpiexec`` command line for tests that launch
 ranks through MPI instead.
 """
@@ -29,17 +37,27 @@ from typing import Any
 import torch.multiprocessing as mp
 
 __all__ = [
+    "SHARE_GPU_ENV",
     "RankFailure",
     "RankTimeout",
+    "all_reduce",
+    "barrier",
     "find_mpirun",
     "gather_all",
+    "gpu_placement",
     "mpirun_command",
+    "rank_device",
+    "ranks_share_gpu",
     "run_ranks",
     "same_on_every_rank",
+    "visible_gpus",
 ]
 
 # Every rank gets these; NVLink multicast stays off in all our tests.
 _FORCED_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+
+SHARE_GPU_ENV = "FUSEDCOMM_TEST_SHARE_GPU"  # "1": every GPU rank on GPU 0
+_DEVICE_ENV = "FUSEDCOMM_TEST_RANK_DEVICE"  # set in each GPU rank: its CUDA device index
 
 _POLL_S = 0.2
 _KILL_JOIN_S = 10.0
@@ -83,25 +101,68 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _init_process_group(rank: int, world_size: int, port: int, backend: str, timeout_s: float):
+def visible_gpus() -> int:
+    """CUDA devices this process sees (0 without CUDA)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _share_forced() -> bool:
+    return os.environ.get(SHARE_GPU_ENV, "") not in ("", "0")
+
+
+def gpu_placement(world_size: int, visible: int | None = None) -> tuple[int, ...]:
+    """The CUDA device index of each GPU rank: ``rank % visible``, or 0 for every rank when
+    ``FUSEDCOMM_TEST_SHARE_GPU=1``. Raises RuntimeError when no GPU is visible."""
+    visible = visible_gpus() if visible is None else visible
+    if visible < 1:
+        raise RuntimeError("run_ranks: GPU ranks need a visible CUDA device, found none")
+    if _share_forced():
+        return (0,) * world_size
+    return tuple(r % visible for r in range(world_size))
+
+
+def ranks_share_gpu(world_size: int, visible: int | None = None) -> bool:
+    """Whether ``world_size`` GPU ranks would put two ranks on one GPU here."""
+    placement = gpu_placement(world_size, visible)
+    return len(set(placement)) < len(placement)
+
+
+def rank_device():
+    """Inside a GPU rank: this rank's CUDA device (already made current by :func:`run_ranks`)."""
+    import torch
+
+    index = os.environ.get(_DEVICE_ENV)
+    if index is None:
+        raise RuntimeError("rank_device: not inside a GPU rank started by run_ranks")
+    return torch.device("cuda", int(index))
+
+
+def _init_process_group(
+    rank: int, world_size: int, port: int, backend: str, timeout_s: float, device: int | None
+):
     import torch
     import torch.distributed as dist
 
     timeout = datetime.timedelta(seconds=timeout_s)
     store = dist.TCPStore("127.0.0.1", port, world_size, is_master=(rank == 0), timeout=timeout)
     kwargs: dict[str, Any] = {}
+    if device is not None:
+        torch.cuda.set_device(device)
     if backend == "nccl":
-        torch.cuda.set_device(rank)
         if "device_id" in inspect.signature(dist.init_process_group).parameters:
-            kwargs["device_id"] = torch.device("cuda", rank)
+            kwargs["device_id"] = torch.device("cuda", device)
     dist.init_process_group(
         backend, store=store, rank=rank, world_size=world_size, timeout=timeout, **kwargs
     )
 
 
-def _rank_main(rank, world_size, port, backend, timeout_s, fn, args, env, results):
+def _rank_main(rank, world_size, port, backend, device, timeout_s, fn, args, env, results):
     """Body of one rank's process; reports ("ok", pickled value) or ("error", text)."""
     os.environ.update(env)
+    if device is not None:
+        os.environ[_DEVICE_ENV] = str(device)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -113,7 +174,7 @@ def _rank_main(rank, world_size, port, backend, timeout_s, fn, args, env, result
     try:
         import torch.distributed as dist
 
-        _init_process_group(rank, world_size, port, backend, timeout_s)
+        _init_process_group(rank, world_size, port, backend, timeout_s, device)
         value = fn(rank, world_size, *args)
         try:
             payload = pickle.dumps(value)
@@ -160,8 +221,11 @@ def run_ranks(
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` local processes.
 
     Each process initialises ``torch.distributed`` with ``backend`` over a TCP
-    store on 127.0.0.1 (with ``"nccl"`` it first selects CUDA device ``rank``),
-    calls ``fn``, then destroys the process group. ``fn`` and ``args`` must be
+    store on 127.0.0.1, calls ``fn``, then destroys the process group. ``"nccl"`` asks for GPU
+    ranks: each first selects its device from :func:`gpu_placement` (:func:`rank_device`
+    returns it), and where ranks share a GPU the group is gloo instead (NCCL refuses two ranks
+    on one device); the tests' collectives go through :func:`barrier`, :func:`gather_all` and
+    :func:`all_reduce`, which work under both. ``fn`` and ``args`` must be
     picklable (``fn`` a module-level function). ``env`` adds environment
     variables for the ranks; NVLink multicast is always disabled
     (``NCCL_NVLS_ENABLE=0``, ``TORCH_SYMM_MEM_DISABLE_MULTICAST=1``).
@@ -188,6 +252,11 @@ def run_ranks(
                 f"NVLink multicast stays disabled ({name}={value})"
             )
     child_env.update(_FORCED_ENV)
+    devices: tuple[int | None, ...] = (None,) * world_size
+    if backend == "nccl":
+        devices = gpu_placement(world_size)
+        if len(set(devices)) < world_size:
+            backend = "gloo"
 
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
@@ -203,6 +272,7 @@ def run_ranks(
                     world_size,
                     port,
                     backend,
+                    devices[rank],
                     timeout_s,
                     fn,
                     tuple(args),
@@ -331,13 +401,47 @@ def mpirun_command(n: int, argv: Sequence[str]) -> list[str]:
 # Inside ranks (torch.distributed initialised)
 
 
+def _through_host(t) -> bool:
+    """Whether a collective on ``t`` goes through host memory (gloo and a CUDA tensor)."""
+    import torch.distributed as dist
+
+    return t.is_cuda and dist.get_backend() == "gloo"
+
+
+def barrier() -> None:
+    """Every rank's queued GPU work is done, then all ranks meet (NCCL's barrier waits for
+    the device, gloo's does not, so this synchronises first under either)."""
+    import torch
+    import torch.distributed as dist
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    dist.barrier()
+
+
 def gather_all(t):
     """Every rank's ``t`` (same shape and dtype everywhere), on ``t``'s device, by rank."""
     import torch.distributed as dist
 
-    parts = [t.new_empty(t.shape) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.contiguous())
+    src = t.contiguous()
+    if _through_host(src):
+        return [p.to(t.device) for p in gather_all(src.cpu())]
+    parts = [src.new_empty(src.shape) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, src)
     return parts
+
+
+def all_reduce(t, op=None) -> None:
+    """``dist.all_reduce`` of ``t`` in place (sum unless ``op``), under either backend."""
+    import torch.distributed as dist
+
+    op = dist.ReduceOp.SUM if op is None else op
+    if _through_host(t):
+        host = t.cpu()
+        dist.all_reduce(host, op=op)
+        t.copy_(host)
+        return
+    dist.all_reduce(t, op=op)
 
 
 def same_on_every_rank(t) -> bool:
