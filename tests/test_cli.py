@@ -42,3 +42,11 @@ def test_bench_without_gpus_fails_and_says_why(capsys):
     captured = capsys.readouterr()
     assert f"{GPUS} CUDA GPU(s) visible" in captured.err and "need 2 or more" in captured.err
     assert captured.out == ""
+
+
+def test_bench_refuses_ranks_forced_onto_one_gpu(capsys, monkeypatch):
+    monkeypatch.setenv("FUSEDCOMM_TEST_SHARE_GPU", "1")
+    assert cli.main(["bench"]) == 1
+    captured = capsys.readouterr()
+    assert "puts every rank on GPU 0" in captured.err and "Nothing was timed" in captured.err
+    assert captured.out == ""

@@ -284,12 +284,23 @@ def _report(name: str, result: dict, world: int) -> str | None:
 def bench(args) -> int:
     import torch
 
+    from .testing.dist import SHARE_GPU_ENV
+
     n = _gpu_count()
     world = args.world or n
+    if os.environ.get(SHARE_GPU_ENV, "") not in ("", "0"):
+        print(
+            f"fusedcomm bench: {SHARE_GPU_ENV} puts every rank on GPU 0; ranks that share a GPU "
+            "time-slice, so their timings mean nothing. Nothing was timed (the shared-GPU "
+            "mode is for correctness tests: scripts/gpu_test.sh).",
+            file=sys.stderr,
+        )
+        return 1
     if n < 2:
         why = " (torch is a CPU-only build)" if torch.version.cuda is None else ""
         print(
-            f"fusedcomm bench: {n} CUDA GPU(s) visible{why}; the benchmarks need 2 or more. "
+            f"fusedcomm bench: {n} CUDA GPU(s) visible{why}; the benchmarks need 2 or more, one "
+            "per rank (ranks sharing a GPU time-slice, so their timings would mean nothing). "
             "Nothing was timed.",
             file=sys.stderr,
         )
