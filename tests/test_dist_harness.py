@@ -116,3 +116,67 @@ def test_mpirun_command_flags(monkeypatch):
     monkeypatch.setattr(dist_mod, "find_mpirun", lambda: None)
     with pytest.raises(FileNotFoundError, match="mpirun_command: no mpiexec or mpirun"):
         mpirun_command(2, ["a"])
+
+
+def test_gpu_placement_spreads_ranks_and_shares_where_gpus_run_out(monkeypatch):
+    monkeypatch.delenv(dist_mod.SHARE_GPU_ENV, raising=False)
+    assert dist_mod.gpu_placement(2, visible=2) == (0, 1)
+    assert dist_mod.gpu_placement(4, visible=2) == (0, 1, 0, 1)
+    assert dist_mod.gpu_placement(2, visible=1) == (0, 0)
+    assert not dist_mod.ranks_share_gpu(2, visible=8)
+    assert dist_mod.ranks_share_gpu(3, visible=2)
+    monkeypatch.setenv(dist_mod.SHARE_GPU_ENV, "1")
+    assert dist_mod.gpu_placement(3, visible=8) == (0, 0, 0)
+    assert dist_mod.ranks_share_gpu(2, visible=8)
+    with pytest.raises(RuntimeError, match="need a visible CUDA device"):
+        dist_mod.gpu_placement(2, visible=0)
+
+
+def test_rank_device_outside_a_gpu_rank_raises(monkeypatch):
+    monkeypatch.delenv("FUSEDCOMM_TEST_RANK_DEVICE", raising=False)
+    with pytest.raises(RuntimeError, match="not inside a GPU rank"):
+        dist_mod.rank_device()
+
+
+def _host_collectives(rank, world_size):
+    import torch
+
+    x = torch.tensor([float(rank + 1)])
+    dist_mod.all_reduce(x)
+    parts = dist_mod.gather_all(torch.tensor([rank, 10 * rank]))
+    dist_mod.barrier()
+    return x.item(), [p.tolist() for p in parts]
+
+
+def test_collective_helpers_on_cpu_tensors(world_size):
+    results = run_ranks(_host_collectives, world_size, timeout_s=120)
+    total = float(world_size * (world_size + 1) // 2)
+    want = [[r, 10 * r] for r in range(world_size)]
+    assert results == [(total, want)] * world_size
+
+
+class _Item:
+    """Just enough of a pytest item for the conftest skip rule."""
+
+    def __init__(self, *marks, fixtures=("world_size",)):
+        self.marks = {m.name: m for m in marks}
+        self.fixturenames = fixtures
+
+    def get_closest_marker(self, name):
+        return self.marks.get(name)
+
+
+def test_skip_rule_counts_ranks_not_gpus(monkeypatch):
+    import conftest
+
+    monkeypatch.delenv(dist_mod.SHARE_GPU_ENV, raising=False)
+    multi = _Item(pytest.mark.gpu(2).mark)
+    distinct = _Item(pytest.mark.gpu(2).mark, pytest.mark.distinct_gpus.mark)
+    assert conftest.skip_reason(multi, 2, 1) is None  # two ranks share the one GPU
+    assert conftest.skip_reason(multi, 8, 1) is None
+    assert "none visible" in conftest.skip_reason(multi, 2, 0)
+    assert "distinct GPUs" in conftest.skip_reason(distinct, 2, 1)
+    assert conftest.skip_reason(distinct, 2, 2) is None
+    monkeypatch.setenv(dist_mod.SHARE_GPU_ENV, "1")
+    assert "forced to share" in conftest.skip_reason(distinct, 2, 2)
+    assert conftest.skip_reason(_Item(), 2, 0) is None  # no gpu marker: not a GPU test
