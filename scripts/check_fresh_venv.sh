@@ -87,8 +87,8 @@ print("   warmup loaded", len(names), "module(s) from", fusedcomm_jit_cache.MODU
 echo "-- TORCH_CUDA_ARCH_LIST=9.0 alone picks 9.0a; FUSEDCOMM_LOGLEVEL=INFO says where modules load from"
 log=$(run env FUSEDCOMM_NO_JIT=1 TORCH_CUDA_ARCH_LIST="9.0" FUSEDCOMM_LOGLEVEL=INFO "$vpy" -c '
 import fusedcomm; fusedcomm.warmup()' 2>&1)
-echo "$log" | head -n 3 | sed 's/^/   /'
-echo "$log" | grep -q "fusedcomm: loaded .* from .*fusedcomm_jit_cache" || fail "no INFO load line"
+sed -n '1,3s/^/   /p' <<<"$log"
+grep -q "fusedcomm: loaded .* from .*fusedcomm_jit_cache" <<<"$log" || fail "no INFO load line"
 quiet=$(run env FUSEDCOMM_NO_JIT=1 FUSEDCOMM_CUDA_ARCH_LIST=9.0a "$vpy" -c '
 import fusedcomm; fusedcomm.warmup()' 2>&1)
 [ -z "$quiet" ] || fail "library use is not quiet by default: $quiet"
@@ -118,8 +118,8 @@ version=$(run fusedcomm --version)
 echo "   $version"
 [[ "$version" == "fusedcomm "* ]] || fail "--version printed '$version'"
 doctor=$(run env FUSEDCOMM_CUDA_ARCH_LIST="9.0a 10.0a" fusedcomm doctor)
-echo "$doctor" | grep -q "^  9.0a (from FUSEDCOMM_CUDA_ARCH_LIST)" || fail "doctor misses 9.0a"
-echo "$doctor" | grep -q "^  10.0a (from FUSEDCOMM_CUDA_ARCH_LIST)" || fail "doctor misses 10.0a"
+grep -q "^  9.0a (from FUSEDCOMM_CUDA_ARCH_LIST)" <<<"$doctor" || fail "doctor misses 9.0a"
+grep -q "^  10.0a (from FUSEDCOMM_CUDA_ARCH_LIST)" <<<"$doctor" || fail "doctor misses 10.0a"
 if run "$vpy" -c 'import sys, torch; sys.exit(0 if torch.cuda.device_count() < 2 else 1)'; then
   set +e
   out=$(run fusedcomm bench 2>&1)

@@ -12,6 +12,10 @@ from fusedcomm.runtime.capability import DeviceCaps, GroupCaps, agree, probe_gro
 from fusedcomm.runtime.comm_backend import SoloBackend
 from fusedcomm.testing.dist import gpu_placement, rank_device, run_ranks
 
+# run_ranks counts its limit from before the ranks start, which takes seconds on an idle 2-core
+# machine and several times that on a loaded one: the CPU tests' limit only stops a hang.
+RANKS_TIMEOUT_S = 300
+
 BUS = [
     "0000:18:00.0",
     "0000:2a:00.0",
@@ -218,7 +222,7 @@ def _rank_probe_group_fake(rank, world_size):
 
 
 def test_probe_group_ranks_with_fake_devices(world_size):
-    results = run_ranks(_rank_probe_group_fake, world_size, timeout_s=90)
+    results = run_ranks(_rank_probe_group_fake, world_size, timeout_s=RANKS_TIMEOUT_S)
     want = agree([_fake_report(r) for r in range(world_size)])
     assert results == [want] * world_size
     assert want.world_size == world_size
@@ -242,7 +246,7 @@ def _rank_probe_group_one_fails(rank, world_size):
 
 
 def test_probe_group_failure_reaches_every_rank(world_size):
-    messages = run_ranks(_rank_probe_group_one_fails, world_size, timeout_s=90)
+    messages = run_ranks(_rank_probe_group_one_fails, world_size, timeout_s=RANKS_TIMEOUT_S)
     wrong = [
         (rank, text)
         for rank, text in enumerate(messages)

@@ -23,6 +23,13 @@ from fusedcomm.testing.dist import mpirun_command, run_ranks
 HERE = os.path.dirname(os.path.abspath(__file__))
 PYTHON_SRC = os.path.join(os.path.dirname(HERE), "python")
 
+# Time limits that only stop a hang. Starting CPU ranks or a Python that imports torch takes
+# seconds on an idle 2-core machine and several times that on a loaded one (run_ranks counts its
+# limit from before the ranks start), and MPI ranks poll while they wait, so they slow each other
+# down further when the cores are busy.
+RANKS_TIMEOUT_S = 300
+SUBPROCESS_TIMEOUT_S = 300
+
 
 def _env_with_source_path() -> dict:
     env = dict(os.environ)
@@ -61,7 +68,9 @@ def _torch_backend_rank(rank, world_size, token):
 def test_torch_dist_backend_gloo(world_size):
     n = world_size
     token = os.urandom(6).hex()
-    results = run_ranks(_torch_backend_rank, n, backend="gloo", timeout_s=90, args=(token,))
+    results = run_ranks(
+        _torch_backend_rank, n, backend="gloo", timeout_s=RANKS_TIMEOUT_S, args=(token,)
+    )
     gathered = [{"rank": r, "token": token, "list": list(range(r + 1))} for r in range(n)]
     as_bytes = [bytes([r]) * (r + 3) + token.encode() for r in range(n)]
     last = n - 1
@@ -140,7 +149,7 @@ def test_torch_dist_backend_split_of_sub_group(world_size):
     # A sub-group of `world_size` ranks plus one rank outside it.
     inner = world_size
     results = run_ranks(
-        _sub_group_split_rank, inner + 1, backend="gloo", timeout_s=90, args=(inner,)
+        _sub_group_split_rank, inner + 1, backend="gloo", timeout_s=RANKS_TIMEOUT_S, args=(inner,)
     )
     members = list(range(inner))
     reversed_members = members[::-1]
@@ -207,7 +216,7 @@ def test_import_does_not_load_mpi4py():
         env=_env_with_source_path(),
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=SUBPROCESS_TIMEOUT_S,
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "False"
@@ -219,7 +228,11 @@ def test_mpi_backend_processes(tmp_path, world_size):
     script = os.path.join(HERE, "mpi_comm_backend_main.py")
     cmd = mpirun_command(n, [sys.executable, script, str(tmp_path)])
     proc = subprocess.run(
-        cmd, env=_env_with_source_path(), capture_output=True, text=True, timeout=60
+        cmd,
+        env=_env_with_source_path(),
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT_S,
     )
     assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout}\n{proc.stderr}"
     assert sorted(os.listdir(tmp_path)) == sorted(f"rank{r}.json" for r in range(n))

@@ -2,7 +2,6 @@
 
 import logging
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -110,9 +109,20 @@ def test_waiting_for_another_build_is_reported(clean_env, tmp_path, caplog):
     other = FileLock(str(dest) + ".lock", thread_local=False)
     other.acquire()
     (dest.parent / "demo.so.building").write_text("4242 on gpu-node-7\n")
+    waiting = threading.Event()
+    say = build._say
+
+    def noting_the_wait(msg, *args, **kwargs):
+        say(msg, *args, **kwargs)
+        if msg.startswith("waiting for"):
+            waiting.set()
+
+    clean_env.setattr(build, "_say", noting_the_wait)
 
     def finish():
-        time.sleep(0.5)
+        # The other build finishes only once build_into has found the lock taken (after a fixed
+        # sleep it could finish first on a busy machine, and build_into would never wait).
+        waiting.wait(timeout=60)
         dest.write_bytes(b"module")
         other.release()
 

@@ -15,6 +15,12 @@ from fusedcomm.runtime.comm_backend import SoloBackend, TorchDistBackend
 from fusedcomm.runtime.peer_memory import PeerMemory, exchange_fds
 from fusedcomm.testing.dist import RankFailure, rank_device, run_ranks
 
+# Time limits that only stop a hang, with room for a loaded 2-core machine: run_ranks counts from
+# before the ranks start (over 30 s for three CPU ranks under load); the exchange's own limit
+# counts from when every rank listens and stays below it, so a stuck exchange names its peer.
+RANKS_TIMEOUT_S = 300
+EXCHANGE_TIMEOUT_S = 120
+
 # ----------------------------------------------------------------------------- CPU: arguments
 
 
@@ -78,7 +84,7 @@ def _rank_exchange(rank, world_size):
     backend = TorchDistBackend()
     fd = _memfd(f"from rank {rank}")
     before = _open_fds()
-    got = exchange_fds(fd, backend, timeout_s=30)
+    got = exchange_fds(fd, backend, timeout_s=EXCHANGE_TIMEOUT_S)
     assert got[rank] is None
     seen = {}
     for q, peer_fd in enumerate(got):
@@ -92,7 +98,7 @@ def _rank_exchange(rank, world_size):
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_exchange_delivers_every_peer_fd(world):
-    results = run_ranks(_rank_exchange, world, timeout_s=120)
+    results = run_ranks(_rank_exchange, world, timeout_s=RANKS_TIMEOUT_S)
     for rank, seen in enumerate(results):
         assert seen == {q: f"from rank {q}" for q in range(world) if q != rank}
 
@@ -103,7 +109,7 @@ def _rank_exchange_bad_fd(rank, world_size):
     before = _open_fds()
     # rank 1 offers a descriptor that is not open: sending it fails, rank 0 never gets it
     try:
-        exchange_fds(fd if rank == 0 else 1000, backend, timeout_s=30)
+        exchange_fds(fd if rank == 0 else 1000, backend, timeout_s=EXCHANGE_TIMEOUT_S)
     except RuntimeError as exc:
         message = str(exc)
     else:
@@ -113,7 +119,7 @@ def _rank_exchange_bad_fd(rank, world_size):
 
 
 def test_exchange_failure_raises_on_every_rank_and_leaks_nothing():
-    results = run_ranks(_rank_exchange_bad_fd, 2, timeout_s=120)
+    results = run_ranks(_rank_exchange_bad_fd, 2, timeout_s=RANKS_TIMEOUT_S)
     for message, no_leak in results:
         assert message is not None
         assert "exchange_fds: receiving the peers' fds failed (rank 0:" in message
@@ -142,15 +148,16 @@ def test_server_refuses_a_rank_it_does_not_expect():
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
         listener.bind(peer_memory._socket_name(token, 0))
         listener.listen(2)
-        server = peer_memory._FdServer(listener, fd, rank=0, world=2, timeout_s=5)
+        # The server's deadline runs from here: on a loaded machine this thread may connect late.
+        server = peer_memory._FdServer(listener, fd, rank=0, world=2, timeout_s=60)
         server.start()
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
             client.connect(peer_memory._socket_name(token, 0))
             client.sendall(struct.pack("<i", 7))
-            client.settimeout(5)
+            client.settimeout(60)
             assert client.recv(4) == b""  # the server hung up without an fd
         with pytest.raises(ConnectionError, match="unexpected request from rank 7"):
-            server.result(5)
+            server.result(60)
     os.close(fd)
 
 
@@ -248,7 +255,9 @@ def _rank_fake_creation(rank, world_size, failing_rank, step):
     peer_memory._zero_row = lambda *args: None
     before = _open_fds()
     try:
-        mem = PeerMemory(4096 * 3 - 1, TorchDistBackend(), device=rank, timeout_s=30)
+        mem = PeerMemory(
+            4096 * 3 - 1, TorchDistBackend(), device=rank, timeout_s=EXCHANGE_TIMEOUT_S
+        )
     except RuntimeError as exc:
         return str(exc), fake.live, _open_fds() - before
     rows = list(fake.mapped)
@@ -257,7 +266,7 @@ def _rank_fake_creation(rank, world_size, failing_rank, step):
 
 
 def test_fake_creation_maps_every_rank_in_order():
-    results = run_ranks(_rank_fake_creation, 3, timeout_s=120, args=(None, None))
+    results = run_ranks(_rank_fake_creation, 3, timeout_s=RANKS_TIMEOUT_S, args=(None, None))
     for rows, live, leaked_fds in results:
         assert rows == ["device 0", "device 1", "device 2"]
         assert live == {} and leaked_fds == 0
@@ -265,7 +274,7 @@ def test_fake_creation_maps_every_rank_in_order():
 
 @pytest.mark.parametrize("step", ["import", "map"])
 def test_fake_failure_on_one_rank_raises_everywhere(step):
-    results = run_ranks(_rank_fake_creation, 3, timeout_s=120, args=(1, step))
+    results = run_ranks(_rank_fake_creation, 3, timeout_s=RANKS_TIMEOUT_S, args=(1, step))
     for message, live, leaked_fds in results:
         assert isinstance(message, str)
         assert f"(rank 1: RuntimeError: fake {step} failure)" in message
@@ -274,7 +283,7 @@ def test_fake_failure_on_one_rank_raises_everywhere(step):
 
 def test_ranks_must_agree_on_the_size():
     with pytest.raises(RankFailure, match="every rank must ask for the same size_per_rank"):
-        run_ranks(_rank_sizes_differ, 2, timeout_s=120)
+        run_ranks(_rank_sizes_differ, 2, timeout_s=RANKS_TIMEOUT_S)
 
 
 def _rank_sizes_differ(rank, world_size):
