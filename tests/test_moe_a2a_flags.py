@@ -1,0 +1,56 @@
+"""MoE all-to-all flag values on CPU: the value sequence of include/fusedcomm/kernels/
+moe_a2a_flags.cuh, compiled here as a host program, never produces the abort mark (pushed or
+not) nor 0, also across the wrap of the 31-bit value field. The same wrap on GPUs is
+tests/test_moe_a2a_recovery_gpu.py::test_rounds_across_the_flag_value_wrap."""
+
+from host_program import run_host_program
+
+ABORTED = 0xFFFFFFFF
+PUSH = 0x80000000
+
+
+def _sequence(tmp_path, starts, steps):
+    starts_cpp = ", ".join(f"{s}u" for s in starts)
+    out = run_host_program(
+        tmp_path,
+        "flag_values",
+        "#include <cstdint>\n#include <cstdio>\n"
+        '#include "fusedcomm/kernels/moe_a2a_flags.cuh"\n'
+        "int main() {\n"
+        f"  const uint32_t starts[] = {{{starts_cpp}}};\n"
+        "  for (uint32_t v : starts) {\n"
+        f"    for (int i = 0; i < {steps}; ++i) {{\n"
+        "      v = fusedcomm::next_flag_value(v);\n"
+        '      std::printf("%u %u\\n", v, v | fusedcomm::kPushBit);\n'
+        "    }\n"
+        "  }\n"
+        '  std::printf("abort %u push %u max %u\\n", fusedcomm::kA2AAborted, '
+        "fusedcomm::kPushBit, fusedcomm::kMaxFlagValue);\n"
+        "  return 0;\n"
+        "}\n",
+    )
+    lines = out.splitlines()
+    tail = lines[-1].split()
+    constants = dict(zip(tail[0::2], (int(x) for x in tail[1::2]), strict=True))
+    pairs = [tuple(int(x) for x in line.split()) for line in lines[:-1]]
+    return pairs, constants
+
+
+def test_no_flag_value_equals_the_abort_mark_across_the_wrap(tmp_path):
+    # Start a few values below the top of the 31-bit field (where the counter of a long-lived
+    # workspace ends up after about 2e9 rounds) and walk through the wrap.
+    starts = [PUSH - 1 - d for d in range(6)] + [0]
+    pairs, constants = _sequence(tmp_path, starts, 12)
+    assert constants["abort"] == ABORTED and constants["push"] == PUSH
+    assert len(pairs) == 12 * len(starts)
+    for value, pushed in pairs:
+        assert value != 0, "0 is the value of a fresh row and must never be a round's value"
+        assert value < PUSH, f"{value:#x} spills into the push bit"
+        assert pushed == value | PUSH
+        assert value != ABORTED and pushed != ABORTED, f"{value:#x} collides with the abort mark"
+    values = [v for v, _ in pairs]
+    assert max(values) == constants["max"]
+    # The walk wraps to 1 right after the largest value and counts up from there.
+    top = values.index(constants["max"])
+    assert values[top + 1 : top + 4] == [1, 2, 3]
+    assert constants["max"] | PUSH != ABORTED
