@@ -75,8 +75,8 @@ struct MoeA2ASite {
 
 struct MoeDispatchArgs {
   MoeA2ASite site;
-  const int32_t* experts;  // [local_tokens, top_k]
-  int32_t* dropped;        // count of (token, k) pairs with an id outside [0, num_experts)
+  const int32_t* experts;       // [local_tokens, top_k]
+  unsigned long long* dropped;  // count of (token, k) pairs with an id outside [0, E), 64 bits
   int32_t local_tokens;
   int32_t top_k;
   int32_t num_experts;

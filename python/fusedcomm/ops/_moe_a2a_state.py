@@ -60,7 +60,7 @@ class _Workspace:
     device: int
     metainfo: torch.Tensor
     failure: FailureState
-    dropped: torch.Tensor  # int32 [1] on the device: ids outside [0, E) since initialisation
+    dropped: torch.Tensor  # int64 [1] on the device: ids outside [0, E) since initialisation
     record: Any  # the ws record the entries take (see csrc/moe_a2a.cu)
     plans: dict = dataclasses.field(default_factory=dict)
 
@@ -149,7 +149,7 @@ def moe_a2a_initialize(
         workspace[ep_rank].zero_()
         torch.cuda.current_stream().synchronize()
         failure = FailureState(device, names)
-        dropped = torch.zeros(1, dtype=torch.int32, device=workspace.device)
+        dropped = torch.zeros(1, dtype=torch.int64, device=workspace.device)
     record = [
         device,
         workspace.data_ptr(),
