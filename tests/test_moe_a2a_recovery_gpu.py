@@ -13,6 +13,8 @@ import torch
 
 import fusedcomm as comm
 from fusedcomm import Mapping, MoeAlltoAll
+from fusedcomm.ops import _moe_a2a_state as _ws_state
+from fusedcomm.ops.moe_alltoall import MoeA2AStateError
 from fusedcomm.reference.moe_a2a import expert_owner
 from fusedcomm.testing.checks import Failures, assert_no_failures
 from fusedcomm.testing.dist import barrier, run_ranks
@@ -111,3 +113,191 @@ def _rank_wrap(rank, world):
 @pytest.mark.gpu(2)
 def test_rounds_across_the_flag_value_wrap(world_size):
     assert_no_failures(run_ranks(_rank_wrap, world_size, backend="nccl", timeout_s=300))
+
+
+# --- recovery under CUDA graphs -----------------------------------------------------------------
+
+
+def _fail_a_round(f, a2a, rank, world):
+    """Rank 0 dispatches alone and times out; the others raise nothing (their rows hold rank
+    0's abort marks). Ends with every rank's device idle."""
+    if rank == 0:
+        experts, hidden = _inputs(rank, 99)
+        error = None
+        try:
+            a2a.dispatch(experts, [hidden], TOKENS)
+            torch.cuda.synchronize()
+            comm.check_errors()
+        except comm.CommFailureError as e:
+            error = e
+        f.check(isinstance(error, comm.PeerTimeoutError), f"forced failure: {error!r}")
+    barrier()
+
+
+def _rank_graph_reset(rank, world):
+    f = Failures()
+    a2a = MoeAlltoAll(_mapping(rank, world), MAX_TOKENS, TOP_K, EXPERTS, hidden_size=HIDDEN,
+                      timeout_s=4.0)  # fmt: skip
+    experts, hidden = _inputs(rank, 1)
+    ids_in, hid_in = experts.clone(), hidden.clone()
+    _round(f, "eager warm-up", a2a, rank, world, 2)
+    out = torch.empty(TOKENS, HIDDEN, dtype=torch.bfloat16, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    barrier()
+    with torch.cuda.graph(graph):
+        received = a2a.dispatch(ids_in, [hid_in], TOKENS)
+        a2a.combine(_expert(received[0], rank), TOKENS, output=out)
+    barrier()
+
+    def replay(what, seed):
+        experts, hidden = _inputs(rank, seed)
+        experts[0, 0] = -1  # one dropped (token, k) pair per replay
+        experts[3, 1] = EXPERTS
+        ids_in.copy_(experts)
+        hid_in.copy_(hidden)
+        out.fill_(float("nan"))
+        before = comm.moe_a2a_dropped_expert_ids(a2a.workspace, rank)
+        barrier()
+        graph.replay()
+        torch.cuda.synchronize()
+        try:
+            comm.check_errors()
+        except comm.CommFailureError as e:
+            f.check(False, f"{what}: {type(e).__name__}: {e}")
+        f.check(torch.equal(out, _expected(experts, hidden, world)), f"{what}: wrong combine")
+        dropped = comm.moe_a2a_dropped_expert_ids(a2a.workspace, rank) - before
+        f.check(dropped == 2, f"{what}: {dropped} dropped pairs counted, expected 2")
+        barrier()
+
+    replay("replay before the failure", 3)
+    _fail_a_round(f, a2a, rank, world)
+    a2a.reset()
+    f.check(comm.moe_a2a_dropped_expert_ids(a2a.workspace, rank) == 0, "reset kept the count")
+    for i in range(3):
+        replay(f"replay {i} after reset()", 4 + i)
+    _round(f, "eager round after the replays", a2a, rank, world, 8)
+    barrier()
+    return f.messages
+
+
+@pytest.mark.gpu(2)
+def test_graph_replays_are_right_after_a_failure_and_reset(world_size):
+    assert_no_failures(run_ranks(_rank_graph_reset, world_size, backend="nccl", timeout_s=300))
+
+
+# --- a peer slow to give up ---------------------------------------------------------------------
+
+SLOW_TIMEOUT_S = 10.0
+
+
+def _rank_slow_peer(rank, world):
+    """The last rank has a long timeout and dispatches alone; every rank calls reset() at once.
+    Its kernel gives up (and writes abort marks into every row) only after the others have
+    started their reset: reset() must wait for it before zeroing, or the group fails again."""
+    f = Failures()
+    slow = world - 1
+    timeout = SLOW_TIMEOUT_S if rank == slow else 2.0
+    a2a = MoeAlltoAll(_mapping(rank, world), MAX_TOKENS, TOP_K, EXPERTS, hidden_size=HIDDEN,
+                      timeout_s=timeout)  # fmt: skip
+    _round(f, "healthy round", a2a, rank, world, 1)
+    barrier()
+    if rank == slow:
+        experts, hidden = _inputs(rank, 2)
+        a2a.dispatch(experts, [hidden], TOKENS)  # nobody else comes: waits SLOW_TIMEOUT_S
+    a2a.reset()
+    if rank == slow:
+        f.check(a2a.phase == "idle", f"phase {a2a.phase!r} after reset()")
+    for i in range(3):
+        if not _round(f, f"round {i} after reset()", a2a, rank, world, 3 + i, pull=i == 1):
+            break
+    barrier()
+    return f.messages
+
+
+@pytest.mark.gpu(2)
+def test_reset_waits_for_a_peer_slow_to_give_up(world_size):
+    assert_no_failures(run_ranks(_rank_slow_peer, world_size, backend="nccl", timeout_s=300))
+
+
+# --- instances sharing a workspace --------------------------------------------------------------
+
+
+def _rank_shared(rank, world):
+    f = Failures()
+    size = MoeAlltoAll.get_moe_workspace_size_per_rank(world, TOP_K, MAX_TOKENS, HIDDEN)
+    a = MoeAlltoAll(_mapping(rank, world), MAX_TOKENS, TOP_K, EXPERTS, size, timeout_s=TIMEOUT_S)
+    b = MoeAlltoAll(_mapping(rank, world), MAX_TOKENS, TOP_K, EXPERTS, size, timeout_s=TIMEOUT_S)
+    f.check(a.workspace is b.workspace, "the two instances do not share the workspace")
+    ea, ha = _inputs(rank, 1)
+    eb, hb = _inputs(rank, 2)
+    received = a.dispatch(ea, [ha], TOKENS)
+    try:
+        b.dispatch(eb, [hb], TOKENS)
+        f.check(False, "a second instance dispatched into a workspace with a round in progress")
+    except MoeA2AStateError:
+        pass
+    out = _combine(a, received[0], rank, TOKENS, pull=False)
+    torch.cuda.synchronize()
+    comm.check_errors()
+    f.check(torch.equal(out, _expected(ea, ha, world)), "instance A's round is wrong")
+    _round(f, "instance B's round after A's", b, rank, world, 3)
+    _round(f, "instance A's next round", a, rank, world, 4, pull=True)
+    barrier()
+    return f.messages
+
+
+@pytest.mark.gpu(2)
+def test_instances_sharing_a_workspace_refuse_interleaved_rounds(world_size):
+    assert_no_failures(run_ranks(_rank_shared, world_size, backend="nccl", timeout_s=300))
+
+
+# --- checks of the launch entries ---------------------------------------------------------------
+
+
+def _rank_checks(rank, world):
+    f = Failures()
+    a2a = MoeAlltoAll(_mapping(rank, world), MAX_TOKENS, TOP_K, EXPERTS, hidden_size=HIDDEN,
+                      timeout_s=TIMEOUT_S)  # fmt: skip
+    st = _ws_state._workspaces[(a2a.workspace.data_ptr(), rank)]
+    experts, hidden = _inputs(rank, 1)
+    received = a2a.dispatch(experts, [hidden], TOKENS)
+    # A push-mode payload in the own combine region is read while the peers write there.
+    region = a2a.get_combine_payload_tensor_in_workspace(TOKENS, HIDDEN, torch.bfloat16)
+    region.copy_(_expert(received[0], rank))
+    try:
+        a2a.combine(region, TOKENS)
+        f.check(False, "a push payload aliasing the own combine region was accepted")
+    except ValueError as e:
+        f.check("overlaps" in str(e), f"alias: message {e}")
+    out = a2a.combine(region, TOKENS, payload_in_workspace=True)
+    torch.cuda.synchronize()
+    f.check(torch.equal(out, _expected(experts, hidden, world)), "the round after the refusal")
+    # A row so wide that W * R * row bytes wraps int64 around to 0 must not pass the bounds
+    # check (pull mode: nothing would be pushed); no kernel is launched.
+    wide = torch.empty(0, 1 << 60, dtype=torch.bfloat16, device="cuda")
+    start = int(a2a.metainfo[8])  # the first byte of the payload data: a valid region start
+    try:
+        _ws_state._module().moe_a2a_combine_launch(wide, st.record, 0, TOP_K, TOKENS, start, False)
+        f.check(False, "an overflowing combine region passed the bounds check")
+    except ValueError as e:
+        f.check("does not fit" in str(e), f"overflow: message {e}")
+    # The dropped-id counter is 64 bits: start it just below 2**31 and drop 3 pairs per round.
+    barrier()
+    st.dropped.fill_((1 << 31) - 2)
+    for i in range(2):
+        experts, hidden = _inputs(rank, 5 + i)
+        experts[1, 0], experts[2, 3], experts[5, 2] = -3, EXPERTS, 1 << 20
+        received = a2a.dispatch(experts, [hidden], TOKENS)
+        out = _combine(a2a, received[0], rank, TOKENS, pull=False)
+        torch.cuda.synchronize()
+        f.check(torch.equal(out, _expected(experts, hidden, world)), f"dropped round {i}")
+    count = comm.moe_a2a_dropped_expert_ids(a2a.workspace, rank)
+    f.check(count == (1 << 31) - 2 + 6, f"dropped counter {count}, expected {(1 << 31) + 4}")
+    comm.check_errors()
+    barrier()
+    return f.messages
+
+
+@pytest.mark.gpu(2)
+def test_launch_checks_and_the_64_bit_dropped_counter(world_size):
+    assert_no_failures(run_ranks(_rank_checks, world_size, backend="nccl", timeout_s=300))
