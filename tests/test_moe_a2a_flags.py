@@ -54,3 +54,42 @@ def test_no_flag_value_equals_the_abort_mark_across_the_wrap(tmp_path):
     top = values.index(constants["max"])
     assert values[top + 1 : top + 4] == [1, 2, 3]
     assert constants["max"] | PUSH != ABORTED
+
+
+def test_dispatch_flags_tell_steps_and_round_sizes_apart(tmp_path):
+    # For dispatch values v around the wrap and a few R: the flag never is the abort mark nor
+    # sets the push bit; the previous dispatch's flag (v - 1 or v - 2 before the wrap) is
+    # another step; the same step with another R is a mismatch (same_step and unequal).
+    out = run_host_program(
+        tmp_path,
+        "dispatch_flags",
+        "#include <cstdint>\n#include <cstdio>\n"
+        '#include "fusedcomm/kernels/moe_a2a_flags.cuh"\n'
+        "using namespace fusedcomm;\n"
+        "int main() {\n"
+        "  const int64_t rs[] = {1, 2, 16, 17, 1024, 4096, (int64_t{1} << 23) - 1};\n"
+        "  uint32_t prev2 = kMaxFlagValue - 9, prev = next_flag_value(prev2);\n"
+        "  for (int i = 0; i < 24; ++i) {\n"
+        "    const uint32_t v = next_flag_value(prev);\n"
+        "    for (int64_t r : rs) {\n"
+        "      const uint32_t f = dispatch_flag(v, r);\n"
+        "      const uint32_t f1 = dispatch_flag(prev, r), f2 = dispatch_flag(prev2, r);\n"
+        "      const uint32_t g = dispatch_flag(v, r + 1);\n"
+        '      std::printf("%u %u %u %u %d %d %d %d\\n", f, f1, f2, g,\n'
+        "                  same_step(f1, f, kStepMask), same_step(f2, f, kStepMask),\n"
+        "                  same_step(g, f, kStepMask), same_step(kA2AAborted, f, kStepMask));\n"
+        "    }\n"
+        "    prev2 = prev;\n"
+        "    prev = v;\n"
+        "  }\n"
+        "  return 0;\n"
+        "}\n",
+    )
+    rows = [[int(x) for x in line.split()] for line in out.splitlines()]
+    assert len(rows) == 24 * 7
+    for f, f1, f2, g, step1, step2, step_g, step_abort in rows:
+        for flag in (f, f1, f2, g):
+            assert flag != ABORTED and not flag & PUSH
+        assert f not in (f1, f2) and not step1 and not step2, "an earlier round looks current"
+        assert g != f and step_g, "another R in the same step is not told apart"
+        assert not step_abort, "the abort mark must read as an abort, not a mismatch"

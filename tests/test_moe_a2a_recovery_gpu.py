@@ -301,3 +301,37 @@ def _rank_checks(rank, world):
 @pytest.mark.gpu(2)
 def test_launch_checks_and_the_64_bit_dropped_counter(world_size):
     assert_no_failures(run_ranks(_rank_checks, world_size, backend="nccl", timeout_s=300))
+
+
+# --- ranks that disagree on R -------------------------------------------------------------------
+
+
+def _rank_other_r(rank, world):
+    """Rank 0 dispatches with R = TOKENS + 1, the others with TOKENS: every rank raises (no rank
+    returns rows placed for another R); after reset() a round with one R is right."""
+    f = Failures()
+    a2a = MoeAlltoAll(_mapping(rank, world), MAX_TOKENS, TOP_K, EXPERTS, hidden_size=HIDDEN,
+                      timeout_s=TIMEOUT_S)  # fmt: skip
+    _round(f, "healthy round", a2a, rank, world, 1)
+    barrier()
+    experts, hidden = _inputs(rank, 2)
+    error = None
+    try:
+        a2a.dispatch(experts, [hidden], TOKENS + 1 if rank == 0 else TOKENS)
+        torch.cuda.synchronize()
+        comm.check_errors()
+    except comm.CommFailureError as e:
+        error = e
+    f.check(error is not None, "a dispatch whose R differs from a peer's did not raise")
+    barrier()
+    a2a.reset()
+    _round(f, "round after reset()", a2a, rank, world, 3)
+    barrier()
+    return f.messages, type(error).__name__
+
+
+@pytest.mark.gpu(2)
+def test_ranks_with_another_runtime_max_tokens_raise(world_size):
+    results = run_ranks(_rank_other_r, world_size, backend="nccl", timeout_s=300)
+    assert_no_failures([messages for messages, _ in results])
+    assert "ProtocolMismatchError" in [name for _, name in results], results

@@ -160,7 +160,7 @@ __global__ void __launch_bounds__(kThreads) moe_a2a_combine(MoeCombineArgs a) {
                                    v | mode);
   }
   if (!moe_wait_flags(site, l.combine_completion_flags(), v | mode, kPhaseCombine,
-                      (v | mode) ^ kPushBit)) {
+                      kFlagValueMask)) {
     return;
   }
 
