@@ -58,15 +58,16 @@ def _combine(a2a, received, rank, r, pull, out=None):
     return a2a.combine(y, r, output=out)
 
 
-def _round(f, what, a2a, rank, world, seed, pull=False, r=TOKENS):
-    """One checked round; returns False (recorded) when it raised a CommFailureError."""
-    experts, hidden = _inputs(rank, seed)
-    out = torch.full((TOKENS, HIDDEN), float("nan"), dtype=torch.bfloat16, device="cuda")
+def _round(f, what, a2a, rank, world, seed, pull=False, r=TOKENS, tokens=TOKENS):
+    """One checked round; returns False (recorded) when it raised a CommFailureError. Waits for
+    the current stream only (other streams may still run)."""
+    experts, hidden = _inputs(rank, seed, tokens)
+    out = torch.full((tokens, HIDDEN), float("nan"), dtype=torch.bfloat16, device="cuda")
     try:
         received = a2a.dispatch(experts, [hidden], r)
         _combine(a2a, received[0], rank, r, pull, out)
-        torch.cuda.synchronize()
-        comm.check_errors()
+        torch.cuda.current_stream().synchronize()
+        comm.check_errors(synchronize=False)
     except comm.CommFailureError as e:
         f.check(False, f"{what}: {type(e).__name__}: {e}")
         return False
@@ -335,3 +336,35 @@ def test_ranks_with_another_runtime_max_tokens_raise(world_size):
     results = run_ranks(_rank_other_r, world_size, backend="nccl", timeout_s=300)
     assert_no_failures([messages for messages, _ in results])
     assert "ProtocolMismatchError" in [name for _, name in results], results
+
+
+# --- a busy side stream -------------------------------------------------------------------------
+
+BIG = 1024  # tokens per rank: the combine grid asks for every block an idle device holds
+
+
+def _rank_side_stream(rank, world):
+    """Kernels on side streams take SM resources for seconds while rounds run: the combine
+    must not wait for blocks that cannot be scheduled (it finishes well before the side
+    kernels, with a timeout shorter than they run)."""
+    f = Failures()
+    a2a = MoeAlltoAll(_mapping(rank, world), BIG, TOP_K, EXPERTS, hidden_size=HIDDEN,
+                      timeout_s=2.0)  # fmt: skip
+    _round(f, "idle device", a2a, rank, world, 1, r=BIG, tokens=BIG)
+    barrier()
+    sides = [torch.cuda.Stream() for _ in range(8)]
+    for s in sides:
+        with torch.cuda.stream(s):
+            torch.cuda._sleep(12_000_000_000)  # several seconds at any clock
+    for i in range(3):
+        if not _round(f, f"busy device, round {i}", a2a, rank, world, 2 + i, i == 1, BIG, BIG):
+            break
+    f.check(not all(s.query() for s in sides), "the side kernels ended first: nothing shown")
+    torch.cuda.synchronize()
+    barrier()
+    return f.messages
+
+
+@pytest.mark.gpu(2)
+def test_combine_runs_beside_kernels_on_other_streams(world_size):
+    assert_no_failures(run_ranks(_rank_side_stream, world_size, backend="nccl", timeout_s=300))
