@@ -6,7 +6,7 @@
 // (ranks, counts, sizes against the row, alignment), then fill the args and launch.
 //   moe_a2a_describe() -> op, phases, limits
 //   moe_a2a_dispatch_launch(experts, ws, dropped, num_experts, R,
-//                           payloads [ptr, row stride, bytes] * n, pdl)
+//                           payloads [ptr, row stride, bytes] * n, eplb ptr, eplb count, pdl)
 //   moe_a2a_combine_launch(out, ws, payload (0: in the workspace), top_k, R, region, pdl)
 //   moe_a2a_sanitize_launch(ids, recv_counts, invalid_id, pdl)
 //   moe_a2a_clear_claim(device, claim)   zero a failure claim word (recovery; device idle)
@@ -112,7 +112,7 @@ ffi::Map<ffi::String, ffi::Any> moe_a2a_describe() {
 
 void moe_a2a_dispatch_launch(ffi::TensorView experts, ffi::Array<int64_t> ws, int64_t dropped,
                              int64_t num_experts, int64_t max_tokens, ffi::Array<int64_t> payloads,
-                             bool pdl) {
+                             int64_t eplb_stats, int64_t eplb_count, bool pdl) {
   constexpr const char* op = "moe_a2a_dispatch";
   Workspace w = workspace_of(ws, op);
   check_on_device(experts, "token_selected_experts", w.device, op);
@@ -145,6 +145,13 @@ void moe_a2a_dispatch_launch(ffi::TensorView experts, ffi::Array<int64_t> ws, in
   a.num_experts = static_cast<int32_t>(num_experts);
   a.num_payloads = static_cast<int32_t>(n);
   a.max_tokens = max_tokens;
+  FC_CHECK_VALUE(eplb_count >= 0 && eplb_count <= l.eplb_stats_num_experts &&
+                     (eplb_count == 0 || (eplb_stats != 0 && eplb_stats % 4 == 0)),
+                 op)
+      << "eplb_local_stats: " << eplb_count << " entries, the workspace holds "
+      << l.eplb_stats_num_experts << " per rank";
+  a.eplb_count = static_cast<int32_t>(eplb_count);
+  a.eplb_stats = reinterpret_cast<const int32_t*>(eplb_stats);
   MoeA2ARound round{l, max_tokens, a.num_payloads, {}};
   int64_t room = w.row_bytes - l.payload_data();  // >= 0 (workspace_of)
   for (int i = 0; i < n; ++i) {

@@ -41,6 +41,7 @@ class _FakeModule:
 
     def moe_a2a_dispatch_launch(self, experts, *args):
         self.calls.append("dispatch")
+        self.args = args
 
     def moe_a2a_combine_launch(self, out, *args):
         self.calls.append("combine")
@@ -55,19 +56,19 @@ class _FakeBackend:
         pass
 
 
-def _register(rank=0):
+def _register(rank=0, eplb=0):
     """A workspace as moe_a2a_initialize leaves it, on CPU, with a fake failure state."""
-    row = ROW
+    row = ROW + MoeA2ALayout(W, M, eplb).payload_data
     ws = torch.zeros(W, row, dtype=torch.uint8)
     st = state._Workspace(
         workspace=ws,
         rank=rank,
         world=W,
-        layout=MoeA2ALayout(W, M, 0),
+        layout=MoeA2ALayout(W, M, eplb),
         row_bytes=row,
         row_stride=ws.stride(0),
         device=0,
-        metainfo=moe_a2a_metainfo(W, M),
+        metainfo=moe_a2a_metainfo(W, M, eplb),
         failure=_FakeFailure(),
         dropped=torch.zeros(1, dtype=torch.int64),
         record=None,
@@ -269,19 +270,53 @@ def test_combine_arguments_not_implemented_are_refused(fake, kwargs, error, matc
     a.combine(_payload(), M)
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [
-        ({"eplb_local_stats": torch.zeros(EXPERTS, dtype=torch.int32)}, "eplb_local_stats"),
-        ({"active_rank_mask": torch.tensor([1])}, "active_rank_mask"),
-    ],
-)
-def test_dispatch_arguments_not_implemented_are_refused(fake, kwargs, match):
+def test_dispatch_refuses_a_mask_that_excludes_ranks(fake):
     a = _instance()
     experts, hidden = _inputs(4, 2)
-    with pytest.raises(NotImplementedError, match=match):
-        a.dispatch(experts, [hidden], M, **kwargs)
+    with pytest.raises(NotImplementedError, match="active_rank_mask"):
+        a.dispatch(experts, [hidden], M, active_rank_mask=torch.tensor([1]))
     assert fake.calls == [] and a.phase == "idle"
+
+
+@pytest.mark.parametrize(
+    ("stats", "error", "match"),
+    [
+        (torch.zeros(EXPERTS, dtype=torch.int64), TypeError, "int32"),
+        (torch.zeros(2, 4, dtype=torch.int32), ValueError, "1-D"),
+        (torch.zeros(EXPERTS + 1, dtype=torch.int32), ValueError, r"eplb_stats_num_experts \(8\)"),
+        (torch.zeros(0, dtype=torch.int32), ValueError, "1 to"),
+        (torch.zeros(16, dtype=torch.int32)[::2], ValueError, "contiguous"),
+        ([1, 2], TypeError, "torch.Tensor"),
+    ],
+)  # fmt: skip
+def test_eplb_local_stats_are_checked_before_the_launch(fake, stats, error, match):
+    ws, metainfo = _register(eplb=EXPERTS)
+    experts, hidden = _inputs(4, 2)
+    with pytest.raises(error, match=match):
+        fusedcomm.moe_a2a_dispatch(
+            experts, [hidden], ws, metainfo, M, 0, W, 2, EXPERTS, eplb_local_stats=stats
+        )
+    assert fake.calls == []
+
+
+def test_eplb_local_stats_reach_the_launch(fake):
+    ws, metainfo = _register(eplb=EXPERTS)
+    experts, hidden = _inputs(4, 2)
+    stats = torch.arange(5, dtype=torch.int32)
+    out = fusedcomm.moe_a2a_dispatch(
+        experts, [hidden], ws, metainfo, M, 0, W, 2, EXPERTS, eplb_local_stats=stats
+    )
+    assert len(out) == 2  # the documented 2-tuple
+    assert fake.args[-3:-1] == (stats.data_ptr(), 5)
+    gathered = a2a_ops.moe_a2a_eplb_gathered_stats(ws, 0)
+    assert gathered.shape == (W, EXPERTS) and gathered.dtype == torch.int32
+    layout = MoeA2ALayout(W, M, EXPERTS)
+    assert gathered.data_ptr() == ws.data_ptr() + layout.eplb_gathered_stats
+    ws_plain, meta_plain = _register(rank=1)
+    with pytest.raises(ValueError, match="eplb_stats_num_experts > 0"):
+        fusedcomm.moe_a2a_dispatch(
+            experts, [hidden], ws_plain, meta_plain, M, 1, W, 2, EXPERTS, eplb_local_stats=stats
+        )
 
 
 def test_checkpointing_and_rank_masks_raise_not_implemented(fake):
@@ -293,5 +328,5 @@ def test_checkpointing_and_rank_masks_raise_not_implemented(fake):
     with pytest.raises(NotImplementedError, match="enable_rank_mask"):
         MoeAlltoAll(Mapping(W, 0, tp_size=W, moe_ep_size=W), M, 2, EXPERTS, None, HIDDEN, None,
                     0, True)  # fmt: skip
-    with pytest.raises(NotImplementedError, match="eplb"):
+    with pytest.raises(ValueError, match="without an EPLB region"):
         a.eplb_gathered_stats  # noqa: B018

@@ -81,7 +81,9 @@ struct MoeDispatchArgs {
   int32_t top_k;
   int32_t num_experts;
   int32_t num_payloads;
-  int64_t max_tokens;  // R
+  int32_t eplb_count;         // entries of eplb_stats (0: no EPLB statistics this round)
+  const int32_t* eplb_stats;  // [eplb_count]: written to [rank, :eplb_count] of every row
+  int64_t max_tokens;         // R
   // Payload i: rows of `bytes` bytes at `src` + t * src_stride, sent to `dst` (an offset in
   // the destination's row) + (rank * R + slot) * bytes, `width` bytes at a time.
   const uint8_t* src[MoeA2ALayout::kMaxPayloads];

@@ -10,7 +10,9 @@
 //      the destination's recv counters [own rank], then the round's dispatch flag (the flag
 //      value and a tag of R: dispatch_flag) into its dispatch flags [own rank] (release, system
 //      scope), resets the send counters for the next round, and waits until every source's
-//      flag in the own row holds it (acquire); a source with another R is a mismatch.
+//      flag in the own row holds it (acquire); a source with another R is a mismatch. With
+//      EPLB statistics, the block first writes them into row [rank] of every rank's EPLB
+//      region, so each rank's own region holds every rank's when the wait ends.
 // Slots within a source follow the order of the atomic increments (not deterministic).
 #pragma once
 #include "fusedcomm/kernels/moe_a2a_args.cuh"
@@ -138,6 +140,15 @@ __global__ void __launch_bounds__(kThreads, 3) moe_a2a_dispatch(MoeDispatchArgs 
   // 3. The last block hands the counts over, signals and waits for every source.
   if (!moe_last_arrival(rows.at<int32_t>(rank, l.local_token_counter()), gridDim.x)) return;
   const uint32_t signal = dispatch_flag(v, a.max_tokens);
+  if (a.eplb_count > 0) {
+    const int64_t stride = l.eplb_stats_num_experts;
+    for (int i = threadIdx.x; i < world * a.eplb_count; i += kThreads) {
+      const int dst = i / a.eplb_count, e = i % a.eplb_count;
+      rows.at<int32_t>(dst, l.eplb_gathered_stats())[rank * stride + e] = a.eplb_stats[e];
+    }
+    __threadfence_system();
+    __syncthreads();  // released below with the flags
+  }
   const int q = threadIdx.x;
   if (q < world) {
     const int32_t count = ld_volatile(&counters[q]);

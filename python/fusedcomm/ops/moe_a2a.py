@@ -58,6 +58,7 @@ __all__ = [
     "moe_a2a_combine",
     "moe_a2a_dispatch",
     "moe_a2a_dropped_expert_ids",
+    "moe_a2a_eplb_gathered_stats",
     "moe_a2a_initialize",
     "moe_a2a_sanitize_expert_ids",
 ]
@@ -164,6 +165,8 @@ def _dispatch_impl(
         num_experts,
         runtime_max_tokens_per_rank,
         flat,
+        0,
+        0,
         enable_pdl,
     )
 
@@ -218,8 +221,10 @@ def moe_a2a_dispatch(
     the call synchronises and raises ``ValueError`` when it dropped any (not capturable).
     ``enable_pdl``: programmatic dependent launch (default: on for SM90 and newer).
     ``active_rank_mask``: None, or a mask with every rank's bit set (excluding ranks from a
-    round is not implemented: ``NotImplementedError``). ``eplb_local_stats``: not implemented
-    (``NotImplementedError``). The next :func:`moe_a2a_combine` on this workspace must repeat
+    round is not implemented: ``NotImplementedError``). ``eplb_local_stats``: int32 ``[n]``
+    (``n`` at most the ``eplb_stats_num_experts`` of initialisation) on the workspace's device;
+    every rank's lands in row ``rank`` of every rank's EPLB region during the dispatch
+    (:func:`moe_a2a_eplb_gathered_stats`); the return value stays the 2-tuple. The next :func:`moe_a2a_combine` on this workspace must repeat
     this dispatch's local token count, ``top_k``, ``R`` and combine offset.
     """
     if tracing():
@@ -241,7 +246,8 @@ def moe_a2a_dispatch(
         )
     op = "moe_a2a_dispatch"
     st = _state(op, workspace, ep_rank, metainfo)
-    _unsupported_extensions(op, st, eplb_local_stats, active_rank_mask)
+    _unsupported_extensions(op, st, active_rank_mask)
+    eplb_ptr, eplb_count = _eplb_stats(op, st, eplb_local_stats)
     if st.round is not None and st.round.owner is not _owner and st.round.owner is not None:
         raise MoeA2ACheckError(
             f"{op}: a MoeAlltoAll sharing this workspace has dispatched and not combined yet; "
@@ -288,6 +294,8 @@ def moe_a2a_dispatch(
         num_experts,
         runtime_max_tokens_per_rank,
         flat,
+        eplb_ptr,
+        eplb_count,
         pdl,
     )
     st.round = _Round(
@@ -298,12 +306,48 @@ def moe_a2a_dispatch(
     return list(plan.views), plan.combine_offset
 
 
-def _unsupported_extensions(op: str, st: _Workspace, eplb_local_stats: Any, mask: Any) -> None:
-    """Arguments of the API that this implementation does not provide: refused, never ignored."""
-    if eplb_local_stats is not None:
-        raise NotImplementedError(
-            f"{op}: eplb_local_stats (gathering EPLB statistics across ranks) is not implemented"
+def _eplb_stats(op: str, st: _Workspace, stats: Any) -> tuple[int, int]:
+    """(address, entries) of the EPLB statistics a dispatch gathers; (0, 0) without."""
+    if stats is None:
+        return 0, 0
+    stats = _tensor(op, "eplb_local_stats", stats)
+    reserved = st.layout.eplb_stats_num_experts
+    if reserved == 0:
+        raise ValueError(
+            f"{op}: eplb_local_stats needs a workspace initialised with eplb_stats_num_experts > 0"
         )
+    if stats.dtype != torch.int32:
+        raise TypeError(f"{op}: eplb_local_stats.dtype ({stats.dtype}) must be int32")
+    if stats.dim() != 1 or not 1 <= stats.numel() <= reserved or not stats.is_contiguous():
+        raise ValueError(
+            f"{op}: eplb_local_stats ({tuple(stats.shape)}) must be a contiguous 1-D tensor of 1 "
+            f"to eplb_stats_num_experts ({reserved}) entries"
+        )
+    if stats.device != st.workspace.device:
+        raise ValueError(
+            f"{op}: eplb_local_stats is on {stats.device}, the workspace on {st.workspace.device}"
+        )
+    return stats.data_ptr(), stats.numel()
+
+
+def moe_a2a_eplb_gathered_stats(workspace: torch.Tensor, ep_rank: int) -> torch.Tensor:
+    """The EPLB statistics the last dispatches gathered: int32 ``[ep_size,
+    eplb_stats_num_experts]``, a view of this rank's row; row ``q`` holds what rank ``q`` passed
+    as ``eplb_local_stats`` (its first entries; the rest keep earlier values, 0 after
+    initialisation). Read it between a dispatch and its combine: once this rank has combined,
+    a peer's next dispatch may overwrite it."""
+    op = "moe_a2a_eplb_gathered_stats"
+    st = _state(op, workspace, ep_rank)
+    n = st.layout.eplb_stats_num_experts
+    if n == 0:
+        raise ValueError(f"{op}: the workspace was initialised without an EPLB region")
+    start = st.layout.eplb_gathered_stats
+    row = st.workspace[st.rank]
+    return row[start : start + 4 * st.world * n].view(torch.int32).view(st.world, n)
+
+
+def _unsupported_extensions(op: str, st: _Workspace, mask: Any) -> None:
+    """Arguments of the API that this implementation does not provide: refused, never ignored."""
     if mask is None:
         return
     full = (1 << st.world) - 1
@@ -488,7 +532,7 @@ def moe_a2a_combine(
         )
     op = "moe_a2a_combine"
     st = _state(op, workspace, ep_rank, metainfo)
-    _unsupported_extensions(op, st, None, active_rank_mask)
+    _unsupported_extensions(op, st, active_rank_mask)
     out_dtype = _combine_output_dtype(
         op, payload, output_dtype, output_scales, output_scalar_scale, sf_layout, use_low_precision
     )

@@ -207,10 +207,10 @@ class MoeAlltoAll:
 
     @property
     def eplb_gathered_stats(self) -> torch.Tensor:
-        """EPLB statistics gathered across ranks: not implemented."""
-        raise NotImplementedError(
-            "MoeAlltoAll.eplb_gathered_stats: gathering EPLB statistics is not implemented"
-        )
+        """The ``eplb_local_stats`` every rank passed to its last dispatch: int32 ``[ep_size,
+        eplb_stats_num_experts]`` (:func:`fusedcomm.ops.moe_a2a.moe_a2a_eplb_gathered_stats`);
+        read it before the round's combine. Needs ``eplb_stats_num_experts > 0``."""
+        return _a2a.moe_a2a_eplb_gathered_stats(self.workspace, self.ep_rank)
 
     @classmethod
     def free_workspaces(cls) -> None:
@@ -277,8 +277,9 @@ class MoeAlltoAll:
         ``[ep_size, R, *]`` per payload. With ``invalid_token_expert_id``, the received copy of
         the expert ids (``input_payloads[expert_id_payload_index]``, required then) has its
         padding slots set to that id (:func:`fusedcomm.moe_a2a_sanitize_expert_ids`).
-        ``eplb_local_stats`` and ``active_rank_mask``: as in the free function (an all-ranks
-        mask is accepted; the rest raise ``NotImplementedError``)."""
+        ``eplb_local_stats`` (gathered into :attr:`eplb_gathered_stats`) and
+        ``active_rank_mask`` (a mask of every rank, or ``NotImplementedError``): as in the free
+        function."""
         self._expect("idle", "dispatch")
         if runtime_max_tokens_per_rank > self.max_num_tokens:
             raise MoeA2AArgumentError(
