@@ -1,6 +1,4 @@
-// moe_a2a: the MoE all-to-all entry points (dispatch, combine, sanitize) and describe().
-// Host code; the kernels are in the module's other units (moe_a2a_kernels.cu).
-//
+// moe_a2a: the MoE all-to-all entry points (host code; kernels in moe_a2a_kernels.cu).
 // The frontend (python/fusedcomm/ops/moe_a2a.py) validates the user's tensors and passes raw
 // addresses; these entries check every number that decides where a kernel reads or writes
 // (ranks, counts, sizes against the row, alignment), then fill the args and launch.
@@ -9,11 +7,10 @@
 //                           payloads [ptr, row stride, bytes] * n, eplb ptr, eplb count, pdl)
 //   moe_a2a_combine_launch(out, ws, payload (0: in the workspace), top_k, R, region, pdl)
 //   moe_a2a_sanitize_launch(ids, recv_counts, invalid_id, pdl)
-//   moe_a2a_clear_claim(device, claim)   zero a failure claim word (recovery; device idle)
-// `ws` = [device, base, row stride, row bytes, world, rank, max_num_tokens, eplb experts,
-//         claim, record, timeout ns]: the workspace and its failure state. Each entry takes
-// one user tensor (the ids, the output): its device and the caller's current stream (which
-// TVM-FFI sets from torch for calls with tensors) are where the kernel runs.
+//   moe_a2a_clear_claim(device, claim): zero a failure claim word (recovery)
+// `ws` = [device, base, row stride, row bytes, world, rank, max_num_tokens, eplb experts, claim,
+// record, timeout ns]. Kernels run on the device of the entry's tensor and the caller's current
+// stream (which TVM-FFI sets from torch). Sizes are compared by division: nothing overflows.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -158,7 +155,6 @@ void moe_a2a_dispatch_launch(ffi::TensorView experts, ffi::Array<int64_t> ws, in
     const int64_t ptr = payloads[3 * i], stride = payloads[3 * i + 1], bytes = payloads[3 * i + 2];
     FC_CHECK_VALUE(bytes >= 1 && stride >= bytes && (local_tokens == 0 || ptr != 0), op)
         << "payload " << i << ": rows of " << bytes << " bytes at stride " << stride;
-    // Divisions, not products: no sum below can overflow int64.
     FC_CHECK_VALUE(bytes <= room / round.slots(), op)
         << "the workspace row (" << w.row_bytes << " bytes) cannot hold this round's dispatch "
         << "payloads: payload " << i << " needs " << round.slots() << " slots of " << bytes
@@ -209,7 +205,6 @@ void moe_a2a_combine_launch(ffi::TensorView out, ffi::Array<int64_t> ws, int64_t
       << "local_num_tokens (" << local_tokens << ") must be in [0, " << max_tokens << "]";
   FC_CHECK_VALUE(row_bytes >= 16 && row_bytes % 16 == 0, op)
       << "a combine row (" << row_bytes << " bytes) must be a positive multiple of 16 bytes";
-  // Divisions, not products: a huge row cannot wrap the end of the region around int64.
   const int64_t slots = int64_t{w.site.world} * max_tokens;
   FC_CHECK_VALUE(region >= l.payload_data() && region % 16 == 0 && region <= w.row_bytes &&
                      row_bytes <= (w.row_bytes - region) / slots,
@@ -248,17 +243,10 @@ void moe_a2a_combine_launch(ffi::TensorView out, ffi::Array<int64_t> ws, int64_t
   want = std::max<int64_t>(1, std::min<int64_t>(want, int64_t{sms} * 8));
   cudaStream_t stream = stream_for(w.device);
   const int blocks = static_cast<int>(want);
-  switch (static_cast<CombineDType>(dtype)) {
-    case CombineDType::kF16:
-      FC_CUDA_CHECK(launch_moe_combine<CombineDType::kF16>(a, blocks, sms, pdl, stream), op);
-      break;
-    case CombineDType::kBF16:
-      FC_CUDA_CHECK(launch_moe_combine<CombineDType::kBF16>(a, blocks, sms, pdl, stream), op);
-      break;
-    default:
-      FC_CUDA_CHECK(launch_moe_combine<CombineDType::kF32>(a, blocks, sms, pdl, stream), op);
-      break;
-  }
+  auto launch = dtype == 0   ? launch_moe_combine<CombineDType::kF16>
+                : dtype == 1 ? launch_moe_combine<CombineDType::kBF16>
+                             : launch_moe_combine<CombineDType::kF32>;
+  FC_CUDA_CHECK(launch(a, blocks, sms, pdl, stream), op);
 }
 
 void moe_a2a_clear_claim(int64_t device, int64_t claim) {
@@ -266,8 +254,8 @@ void moe_a2a_clear_claim(int64_t device, int64_t claim) {
   FC_CHECK_VALUE(device >= 0 && claim != 0, op) << "internal: no failure claim to clear";
   DeviceScope scope(static_cast<int>(device), op);
   FC_CUDA_CHECK(cudaDeviceSynchronize(), op);  // no kernel of the failed round still runs
+  // The caller synchronises the device again before any launch (moe_a2a_initialize).
   FC_CUDA_CHECK(cudaMemset(reinterpret_cast<void*>(claim), 0, sizeof(int32_t)), op);
-  FC_CUDA_CHECK(cudaDeviceSynchronize(), op);
 }
 
 void moe_a2a_sanitize_launch(ffi::TensorView ids, int64_t recv_counts, int64_t invalid_id,
