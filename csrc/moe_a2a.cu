@@ -1,18 +1,16 @@
-// moe_a2a: the MoE all-to-all entry points (dispatch, combine, sanitize) and describe().
-// Host code; the kernels are in the module's other units (moe_a2a_kernels.cu).
-//
+// moe_a2a: the MoE all-to-all entry points (host code; kernels in moe_a2a_kernels.cu).
 // The frontend (python/fusedcomm/ops/moe_a2a.py) validates the user's tensors and passes raw
 // addresses; these entries check every number that decides where a kernel reads or writes
 // (ranks, counts, sizes against the row, alignment), then fill the args and launch.
 //   moe_a2a_describe() -> op, phases, limits
 //   moe_a2a_dispatch_launch(experts, ws, dropped, num_experts, R,
-//                           payloads [ptr, row stride, bytes] * n, pdl)
+//                           payloads [ptr, row stride, bytes] * n, eplb ptr, eplb count, pdl)
 //   moe_a2a_combine_launch(out, ws, payload (0: in the workspace), top_k, R, region, pdl)
 //   moe_a2a_sanitize_launch(ids, recv_counts, invalid_id, pdl)
-// `ws` = [device, base, row stride, row bytes, world, rank, max_num_tokens, eplb experts,
-//         claim, record, timeout ns]: the workspace and its failure state. Each entry takes
-// one user tensor (the ids, the output): its device and the caller's current stream (which
-// TVM-FFI sets from torch for calls with tensors) are where the kernel runs.
+//   moe_a2a_clear_claim(device, claim): zero a failure claim word (recovery)
+// `ws` = [device, base, row stride, row bytes, world, rank, max_num_tokens, eplb experts, claim,
+// record, timeout ns]. Kernels run on the device of the entry's tensor and the caller's current
+// stream (which TVM-FFI sets from torch). Sizes are compared by division: nothing overflows.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -62,7 +60,8 @@ Workspace workspace_of(const ffi::Array<int64_t>& ws, const char* op) {
       << "] (the ranks of one node)";
   FC_CHECK_VALUE(s.rank >= 0 && s.rank < s.world, op)
       << "ep_rank (" << s.rank << ") must be in [0, " << s.world << ")";
-  FC_CHECK_VALUE(ws[6] >= 1 && ws[7] >= 0, op) << "internal: bad layout record";
+  FC_CHECK_VALUE(ws[6] >= 1 && ws[6] <= (int64_t{1} << 40) && ws[7] >= 0 && ws[7] <= (1 << 30), op)
+      << "internal: bad layout record";
   s.rows.layout = MoeA2ALayout{s.world, ws[6], static_cast<int32_t>(ws[7])};
   FC_CHECK_VALUE(s.rows.base != nullptr && w.row_bytes >= s.rows.layout.payload_data() &&
                      (s.world == 1 || s.rows.stride >= w.row_bytes),
@@ -110,7 +109,7 @@ ffi::Map<ffi::String, ffi::Any> moe_a2a_describe() {
 
 void moe_a2a_dispatch_launch(ffi::TensorView experts, ffi::Array<int64_t> ws, int64_t dropped,
                              int64_t num_experts, int64_t max_tokens, ffi::Array<int64_t> payloads,
-                             bool pdl) {
+                             int64_t eplb_stats, int64_t eplb_count, bool pdl) {
   constexpr const char* op = "moe_a2a_dispatch";
   Workspace w = workspace_of(ws, op);
   check_on_device(experts, "token_selected_experts", w.device, op);
@@ -136,18 +135,31 @@ void moe_a2a_dispatch_launch(ffi::TensorView experts, ffi::Array<int64_t> ws, in
   MoeDispatchArgs a{};
   a.site = w.site;
   a.experts = static_cast<const int32_t*>(data_of(experts));
-  a.dropped = reinterpret_cast<int32_t*>(dropped);
+  a.dropped = reinterpret_cast<unsigned long long*>(dropped);
   FC_CHECK_VALUE(a.dropped != nullptr, op) << "internal: no dropped-id counter";
   a.local_tokens = static_cast<int32_t>(local_tokens);
   a.top_k = static_cast<int32_t>(top_k);
   a.num_experts = static_cast<int32_t>(num_experts);
   a.num_payloads = static_cast<int32_t>(n);
   a.max_tokens = max_tokens;
+  FC_CHECK_VALUE(eplb_count >= 0 && eplb_count <= l.eplb_stats_num_experts &&
+                     (eplb_count == 0 || (eplb_stats != 0 && eplb_stats % 4 == 0)),
+                 op)
+      << "eplb_local_stats: " << eplb_count << " entries, the workspace holds "
+      << l.eplb_stats_num_experts << " per rank";
+  a.eplb_count = static_cast<int32_t>(eplb_count);
+  a.eplb_stats = reinterpret_cast<const int32_t*>(eplb_stats);
   MoeA2ARound round{l, max_tokens, a.num_payloads, {}};
+  int64_t room = w.row_bytes - l.payload_data();  // >= 0 (workspace_of)
   for (int i = 0; i < n; ++i) {
     const int64_t ptr = payloads[3 * i], stride = payloads[3 * i + 1], bytes = payloads[3 * i + 2];
     FC_CHECK_VALUE(bytes >= 1 && stride >= bytes && (local_tokens == 0 || ptr != 0), op)
         << "payload " << i << ": rows of " << bytes << " bytes at stride " << stride;
+    FC_CHECK_VALUE(bytes <= room / round.slots(), op)
+        << "the workspace row (" << w.row_bytes << " bytes) cannot hold this round's dispatch "
+        << "payloads: payload " << i << " needs " << round.slots() << " slots of " << bytes
+        << " bytes after the " << (w.row_bytes - room) << " bytes before it";
+    room -= round.slots() * bytes;
     round.payload_bytes[i] = bytes;
   }
   const int64_t end = round.dispatch_end();
@@ -193,10 +205,26 @@ void moe_a2a_combine_launch(ffi::TensorView out, ffi::Array<int64_t> ws, int64_t
       << "local_num_tokens (" << local_tokens << ") must be in [0, " << max_tokens << "]";
   FC_CHECK_VALUE(row_bytes >= 16 && row_bytes % 16 == 0, op)
       << "a combine row (" << row_bytes << " bytes) must be a positive multiple of 16 bytes";
-  const int64_t end = region + int64_t{w.site.world} * max_tokens * row_bytes;
-  FC_CHECK_VALUE(region >= l.payload_data() && region % 16 == 0 && end <= w.row_bytes, op)
-      << "the combine region [" << region << ", " << end << ") does not fit the workspace row ("
-      << w.row_bytes << " bytes, payload data from " << l.payload_data() << ")";
+  const int64_t slots = int64_t{w.site.world} * max_tokens;
+  FC_CHECK_VALUE(region >= l.payload_data() && region % 16 == 0 && region <= w.row_bytes &&
+                     row_bytes <= (w.row_bytes - region) / slots,
+                 op)
+      << "the combine region at " << region << " (" << slots << " rows of " << row_bytes
+      << " bytes) does not fit the workspace row (" << w.row_bytes << " bytes, payload data from "
+      << l.payload_data() << ")";
+  const int64_t region_bytes = slots * row_bytes;
+  if (payload != 0) {  // push: the rows are read while peers write every row's combine region
+    const uintptr_t lo = static_cast<uintptr_t>(payload);
+    const uintptr_t hi = lo + static_cast<uintptr_t>(region_bytes);
+    for (int q = 0; q < w.site.world; ++q) {
+      const uintptr_t start =
+          reinterpret_cast<uintptr_t>(w.site.rows.base) + q * w.site.rows.stride + region;
+      FC_CHECK_VALUE(hi <= start || lo >= start + region_bytes, op)
+          << "the payload overlaps the combine region of rank " << q
+          << "'s row, which the peers write during the combine: pass payload_in_workspace=True "
+          << "for a payload in the own combine region, or a separate tensor";
+    }
+  }
   FC_CHECK_VALUE(reinterpret_cast<uintptr_t>(data_of(out)) % 16 == 0 && payload % 16 == 0, op)
       << "the output and the payload must be 16-byte aligned";
   MoeCombineArgs a{};
@@ -215,17 +243,19 @@ void moe_a2a_combine_launch(ffi::TensorView out, ffi::Array<int64_t> ws, int64_t
   want = std::max<int64_t>(1, std::min<int64_t>(want, int64_t{sms} * 8));
   cudaStream_t stream = stream_for(w.device);
   const int blocks = static_cast<int>(want);
-  switch (static_cast<CombineDType>(dtype)) {
-    case CombineDType::kF16:
-      FC_CUDA_CHECK(launch_moe_combine<CombineDType::kF16>(a, blocks, sms, pdl, stream), op);
-      break;
-    case CombineDType::kBF16:
-      FC_CUDA_CHECK(launch_moe_combine<CombineDType::kBF16>(a, blocks, sms, pdl, stream), op);
-      break;
-    default:
-      FC_CUDA_CHECK(launch_moe_combine<CombineDType::kF32>(a, blocks, sms, pdl, stream), op);
-      break;
-  }
+  auto launch = dtype == 0   ? launch_moe_combine<CombineDType::kF16>
+                : dtype == 1 ? launch_moe_combine<CombineDType::kBF16>
+                             : launch_moe_combine<CombineDType::kF32>;
+  FC_CUDA_CHECK(launch(a, blocks, sms, pdl, stream), op);
+}
+
+void moe_a2a_clear_claim(int64_t device, int64_t claim) {
+  constexpr const char* op = "moe_a2a_initialize";
+  FC_CHECK_VALUE(device >= 0 && claim != 0, op) << "internal: no failure claim to clear";
+  DeviceScope scope(static_cast<int>(device), op);
+  FC_CUDA_CHECK(cudaDeviceSynchronize(), op);  // no kernel of the failed round still runs
+  // The caller synchronises the device again before any launch (moe_a2a_initialize).
+  FC_CUDA_CHECK(cudaMemset(reinterpret_cast<void*>(claim), 0, sizeof(int32_t)), op);
 }
 
 void moe_a2a_sanitize_launch(ffi::TensorView ids, int64_t recv_counts, int64_t invalid_id,
@@ -262,3 +292,4 @@ TVM_FFI_DLL_EXPORT_TYPED_FUNC(moe_a2a_describe, fusedcomm::moe_a2a_describe);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(moe_a2a_dispatch_launch, fusedcomm::moe_a2a_dispatch_launch);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(moe_a2a_combine_launch, fusedcomm::moe_a2a_combine_launch);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(moe_a2a_sanitize_launch, fusedcomm::moe_a2a_sanitize_launch);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(moe_a2a_clear_claim, fusedcomm::moe_a2a_clear_claim);

@@ -25,8 +25,10 @@ cudaError_t launch_moe_dispatch(const MoeDispatchArgs& a, int want, int sms, boo
 cudaError_t launch_moe_sanitize(const MoeSanitizeArgs& a, int blocks, bool pdl,
                                 cudaStream_t stream);
 
-// Combine blocks must all be resident at once (they wait for each other's flag): the launch
-// caps `blocks` at what the device holds of this kernel; `want` is what the work could use.
+// Combine: `want` blocks (what the work could use), capped at what an idle device holds of
+// this kernel at once. The blocks need not all be resident (none waits for another that may
+// not have started; kernels/moe_a2a_combine.cuh), so kernels on other streams slow it down
+// without stalling it.
 template <CombineDType kD>
 cudaError_t launch_moe_combine(const MoeCombineArgs& a, int want, int sms, bool pdl,
                                cudaStream_t stream);

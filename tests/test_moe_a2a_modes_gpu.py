@@ -76,3 +76,37 @@ def test_combine_modes_agree_and_mixed_modes_raise(world_size):
     assert_no_failures([messages for messages, _ in results])
     names = [name for _, name in results]
     assert "ProtocolMismatchError" in names, names
+
+
+# --- EPLB statistics ----------------------------------------------------------------------------
+
+
+def _rank_eplb(rank, world):
+    """Each dispatch gathers every rank's eplb_local_stats into every rank's region; the
+    round's combine is unchanged by them (same bits as a round without)."""
+    f = Failures()
+    mapping = Mapping(world, rank, tp_size=world, moe_ep_size=world)
+    a2a = MoeAlltoAll(mapping, 48, TOP_K, EXPERTS, None, HIDDEN, None, EXPERTS, timeout_s=5.0)
+    experts, hidden = _inputs(rank, 3)
+    received = a2a.dispatch(experts, [hidden], TOKENS)
+    plain = _combine(a2a, received[0], rank, in_workspace=False).clone()
+    seen = torch.zeros(world, EXPERTS, dtype=torch.int32)
+    for i, n in enumerate((EXPERTS, EXPERTS - 5)):  # the second round sends fewer entries
+        stats = torch.arange(n, dtype=torch.int32, device="cuda") * 1000 + rank * 10 + i + 1
+        received = a2a.dispatch(experts, [hidden], TOKENS, None, None, stats)
+        torch.cuda.current_stream().synchronize()
+        got = a2a.eplb_gathered_stats.cpu()
+        for q in range(world):
+            seen[q, :n] = torch.arange(n, dtype=torch.int32) * 1000 + q * 10 + i + 1
+        f.check(torch.equal(got, seen), f"round {i}: gathered {got.tolist()}, want {seen.tolist()}")
+        out = _combine(a2a, received[0], rank, in_workspace=i == 1)
+        torch.cuda.synchronize()
+        f.check(torch.equal(out, plain), f"round {i}: the combine differs with EPLB statistics")
+    comm.check_errors()
+    barrier()
+    return f.messages
+
+
+@pytest.mark.gpu(2)
+def test_dispatch_gathers_eplb_statistics(world_size):
+    assert_no_failures(run_ranks(_rank_eplb, world_size, backend="nccl", timeout_s=180))

@@ -142,23 +142,84 @@ def test_fetch_from_missing_peer_names_it():
         peer_memory._fetch_fd(token, 2, 5, 1.0)
 
 
-def test_server_refuses_a_rank_it_does_not_expect():
+def _stray(token, hello):
+    """A process that is not a peer: connects, says ``hello`` (None: hangs up at once)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.connect(peer_memory._socket_name(token, 0))
+        if hello is None:
+            return None
+        client.sendall(hello)
+        client.shutdown(socket.SHUT_WR)  # says no more: a short hello ends here
+        client.settimeout(10)
+        return client.recv(4)
+
+
+def test_stray_connections_get_nothing_and_do_not_stop_the_server():
     token = "test-server-" + os.urandom(4).hex()
-    fd = _memfd("x")
+    fd = _memfd("served")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
         listener.bind(peer_memory._socket_name(token, 0))
-        listener.listen(2)
-        # The server's deadline runs from here: on a loaded machine this thread may connect late.
-        server = peer_memory._FdServer(listener, fd, rank=0, world=2, timeout_s=60)
+        listener.listen(4)
+        server = peer_memory._FdServer(listener, fd, rank=0, world=3, timeout_s=60)
         server.start()
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
-            client.connect(peer_memory._socket_name(token, 0))
-            client.sendall(struct.pack("<i", 7))
-            client.settimeout(60)
-            assert client.recv(4) == b""  # the server hung up without an fd
-        with pytest.raises(ConnectionError, match="unexpected request from rank 7"):
-            server.result(60)
+        # No valid rank, its own rank, too short a hello, nothing at all: each is hung up on
+        # without an fd, and the server keeps serving.
+        for hello in (struct.pack("<i", 7), struct.pack("<i", 0), b"\x01", None):
+            assert _stray(token, hello) in (b"", None)
+        got = peer_memory._fetch_fd(token, 1, 0, 30.0)
+        assert _read(got) == "served"
+        os.close(got)
+        assert _stray(token, struct.pack("<i", 1)) == b""  # rank 1 again: already served
+        got = peer_memory._fetch_fd(token, 2, 0, 30.0)
+        assert _read(got) == "served"
+        os.close(got)
+        server.result(30)  # served both peers, no error
+        assert len(server.strays) == 5, server.strays
+        assert any("unexpected request from rank 7" in s for s in server.strays)
     os.close(fd)
+
+
+def test_a_stray_in_the_middle_of_an_exchange_is_harmless():
+    results = run_ranks(_rank_exchange_with_stray, 2, timeout_s=120)
+    for rank, seen in enumerate(results):
+        assert seen == {q: f"from rank {q}" for q in range(2) if q != rank}
+
+
+def _rank_exchange_with_stray(rank, world_size):
+    backend = TorchDistBackend()
+    real_fetch = peer_memory._fetch_fd
+
+    def fetch_after_a_stray(token, me, peer, timeout_s):
+        # Before every real request, a process that says nothing valid knocks on the socket.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stray:
+            stray.connect(peer_memory._socket_name(token, peer))
+            stray.sendall(struct.pack("<i", -5))
+            stray.settimeout(10)
+            assert stray.recv(4) == b""
+        return real_fetch(token, me, peer, timeout_s)
+
+    peer_memory._fetch_fd = fetch_after_a_stray
+    try:
+        fd = _memfd(f"from rank {rank}")
+        got = exchange_fds(fd, backend, timeout_s=30)
+    finally:
+        peer_memory._fetch_fd = real_fetch
+    seen = {q: _read(peer_fd) for q, peer_fd in enumerate(got) if peer_fd is not None}
+    for peer_fd in got:
+        if peer_fd is not None:
+            os.close(peer_fd)
+    os.close(fd)
+    return seen
+
+
+def test_client_refuses_a_socket_of_another_user(monkeypatch):
+    token = "test-uid-" + os.urandom(4).hex()
+    monkeypatch.setattr(peer_memory, "_peer_uid", lambda sock: os.getuid() + 1)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(peer_memory._socket_name(token, 1))
+        listener.listen(1)  # a squatter on rank 1's name: the client must not even ask it
+        with pytest.raises(PermissionError, match="socket of rank 1 belongs to a process of user"):
+            peer_memory._fetch_fd(token, 0, 1, 5.0)
 
 
 # ----------------------------------------------------------------------------- CPU: fake driver

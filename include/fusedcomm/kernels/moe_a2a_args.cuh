@@ -7,23 +7,20 @@
 // of every peer's row; it writes nothing afterwards (its kernels check the claim at entry), so
 // the mark stays until the workspace is initialised again.
 //
-// Flag values: every dispatch and combine takes the next value of its rank's own counter
-// (flag value field, starting at 0 after initialisation): 1, 2, ..., kPushBit - 1, 1, ...
-// Ranks call the same sequence of ops, so the values agree; 0 is never used. A combine that
-// pushes sets kPushBit in its combine flags (kernels/moe_a2a_combine.cuh); kA2AAborted has every
-// bit set and is no value of either kind.
+// Flag values (kernels/moe_a2a_flags.cuh): every dispatch and combine takes the next value of
+// its rank's own counter, 1 .. kMaxFlagValue then 1 again; a combine that pushes sets kPushBit
+// in its combine flags (kernels/moe_a2a_combine.cuh). The abort mark is no value of either kind.
 #pragma once
 #include <cstdint>
 
 #include "fusedcomm/common/failure.cuh"
 #include "fusedcomm/common/ptx.cuh"
+#include "fusedcomm/kernels/moe_a2a_flags.cuh"
 #include "fusedcomm/layout/moe_a2a.cuh"
 
 namespace fusedcomm {
 
 constexpr int32_t kOpMoeA2A = 3;
-constexpr uint32_t kA2AAborted = 0xffffffffu;
-constexpr uint32_t kPushBit = 0x80000000u;
 
 // Failure phases (the describe() export names them in this order).
 enum MoeA2APhase : int32_t {
@@ -31,10 +28,6 @@ enum MoeA2APhase : int32_t {
   kPhaseDispatch = 1,  // dispatch: every source has sent its tokens
   kPhaseCombine = 2,   // combine: every rank's combine payload is ready
 };
-
-__host__ __device__ constexpr uint32_t next_flag_value(uint32_t v) {
-  return v + 1 >= kPushBit ? 1u : v + 1;
-}
 
 // The W rows of the workspace.
 struct MoeA2ARows {
@@ -82,13 +75,15 @@ struct MoeA2ASite {
 
 struct MoeDispatchArgs {
   MoeA2ASite site;
-  const int32_t* experts;  // [local_tokens, top_k]
-  int32_t* dropped;        // count of (token, k) pairs with an id outside [0, num_experts)
+  const int32_t* experts;       // [local_tokens, top_k]
+  unsigned long long* dropped;  // count of (token, k) pairs with an id outside [0, E), 64 bits
   int32_t local_tokens;
   int32_t top_k;
   int32_t num_experts;
   int32_t num_payloads;
-  int64_t max_tokens;  // R
+  int32_t eplb_count;         // entries of eplb_stats (0: no EPLB statistics this round)
+  const int32_t* eplb_stats;  // [eplb_count]: written to [rank, :eplb_count] of every row
+  int64_t max_tokens;         // R
   // Payload i: rows of `bytes` bytes at `src` + t * src_stride, sent to `dst` (an offset in
   // the destination's row) + (rank * R + slot) * bytes, `width` bytes at a time.
   const uint8_t* src[MoeA2ALayout::kMaxPayloads];

@@ -8,11 +8,15 @@
 // every rank reads the terms of its tokens from the owners' rows. Either way the term (q, j)
 // of a token is the same row, so both give the same bits.
 //
-//   1. Push: copy. The last block to finish it (pull: block 0) stores the round's flag value
-//      into every rank's combine flags [own rank] (release, system scope), with kPushBit when
-//      it pushed: all ranks of a round must use one mode (a rank in the other is reported as a
-//      mismatch). Every block waits until all sources' flags in the own row hold it (acquire).
-//      The grid must be co-resident: the host sizes it from the occupancy.
+//   1. Push: copy, in chunks of rows that running blocks take from a counter until none is
+//      left (moe_push_rows). The block that completes the last chunk (pull: the first block to
+//      run) stores the round's flag value into every rank's combine flags [own rank] (release,
+//      system scope), with kPushBit when it pushed: all ranks of a round must use one mode (a
+//      rank in the other is reported as a mismatch). Every block then waits until all
+//      sources' flags in the own row hold it (acquire). No block waits for a block that may
+//      not be resident: every chunk was taken by a block that runs, which copies it and waits
+//      for nothing before it counts it; so a grid that the device cannot hold at once (other
+//      kernels on other streams) is slower, never stuck.
 //   2. Per local token (one block each, grid-stride): out[t] = the fixed-order fp32 sum
 //      (proto/combine_sum.cuh) over k of term(target_ranks[t, k], send_indices[t, k]), +0 for a
 //      k that sent nothing; one final rounding.
@@ -128,6 +132,79 @@ __device__ __forceinline__ Pack<T> combine_pack_sequential(const uint8_t* const*
   return pack_from<T>(acc);
 }
 
+// Step 1 of a push: copy the rows [src, j < recv_count[src]] of the payload (every source but
+// this rank) to row [rank, j] of src's combine region. The rows of all sources, in source
+// order, are cut into chunks of about kChunkBytes; the block takes chunks from `claims` until
+// none is left, copies each, then adds its count to `done`. True in every thread of the one
+// block whose addition completes the chunks (with no chunk at all: of the block that took
+// the first claim); everything the grid pushed is released at system scope before.
+template <int kThreads>
+__device__ __forceinline__ bool moe_push_rows(const MoeCombineArgs& a, int32_t* claims,
+                                              int32_t* done) {
+  constexpr int64_t kChunkBytes = 64 * 1024;
+  const MoeA2ARows& rows = a.site.rows;
+  const int rank = a.site.rank, world = a.site.world;
+  __shared__ int64_t s_first[MoeA2ALayout::kMaxKernelRanks + 1];  // rows before source s
+  __shared__ int32_t s_claim;
+  __shared__ int s_signal;
+  if (threadIdx.x == 0) {
+    const int32_t* counts = rows.at<int32_t>(rank, rows.layout.recv_counters());
+    int64_t total = 0;
+    for (int s = 0; s < world; ++s) {
+      s_first[s] = total;
+      const int64_t n = counts[s] < a.max_tokens ? counts[s] : a.max_tokens;
+      total += s == rank || n < 0 ? 0 : n;
+    }
+    s_first[world] = total;
+  }
+  __syncthreads();
+  const int64_t total = s_first[world];
+  const int64_t per_chunk = a.row_bytes >= kChunkBytes ? 1 : kChunkBytes / a.row_bytes;
+  const int64_t chunks = (total + per_chunk - 1) / per_chunk;
+  int32_t copied = 0, first = -1;
+  for (;;) {
+    if (threadIdx.x == 0) s_claim = atomicAdd(claims, 1);
+    __syncthreads();
+    const int64_t c = s_claim;
+    __syncthreads();  // s_claim is rewritten by the next claim
+    if (first < 0) first = static_cast<int32_t>(c);
+    if (c >= chunks) break;
+    int64_t r = c * per_chunk;
+    const int64_t end = r + per_chunk < total ? r + per_chunk : total;
+    int src = 0;
+    while (r < end) {
+      while (r >= s_first[src + 1]) ++src;  // sources of no rows are skipped
+      const int64_t j = r - s_first[src];
+      const int64_t n = (end < s_first[src + 1] ? end : s_first[src + 1]) - r;
+      copy_row<16>(rows.row(src) + a.region + (rank * a.max_tokens + j) * a.row_bytes,
+                   a.payload + (src * a.max_tokens + j) * a.row_bytes, n * a.row_bytes, threadIdx.x,
+                   kThreads);
+      r += n;
+    }
+    ++copied;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence_system();
+    if (chunks == 0) {
+      s_signal = first == 0;
+    } else {
+      s_signal = copied > 0 && atomicAdd(done, copied) + copied == chunks;
+    }
+    if (s_signal) __threadfence();
+  }
+  __syncthreads();
+  return s_signal;
+}
+
+// True in every thread of the first block of the grid to get here (by `counter`).
+__device__ __forceinline__ bool moe_first_arrival(int32_t* counter) {
+  __shared__ int first;
+  if (threadIdx.x == 0) first = atomicAdd(counter, 1) == 0;
+  __syncthreads();
+  return first;
+}
+
 template <typename T, int kTopK, int kThreads>
 __global__ void __launch_bounds__(kThreads) moe_a2a_combine(MoeCombineArgs a) {
   pdl_wait();
@@ -141,18 +218,11 @@ __global__ void __launch_bounds__(kThreads) moe_a2a_combine(MoeCombineArgs a) {
   const int64_t packs = a.row_bytes / 16;
 
   // 1. Push the rows to their tokens' ranks, publish, then wait for every source.
-  bool signal = blockIdx.x == 0;
-  if (a.payload != nullptr) {
-    const int32_t* counts = rows.at<int32_t>(rank, l.recv_counters());
-    const int lane = blockIdx.x * kThreads + threadIdx.x, team = gridDim.x * kThreads;
-    for (int src = 0; src < world; ++src) {
-      if (src == rank) continue;
-      const int64_t n = counts[src] < a.max_tokens ? counts[src] : a.max_tokens;
-      copy_row<16>(rows.row(src) + a.region + rank * a.max_tokens * a.row_bytes,
-                   a.payload + src * a.max_tokens * a.row_bytes, n * a.row_bytes, lane, team);
-    }
-    signal = moe_last_arrival(arrivals, gridDim.x);
-  }
+  int32_t* claims = rows.at<int32_t>(rank, l.combine_claims());
+  const bool signal =
+      a.payload != nullptr
+          ? moe_push_rows<kThreads>(a, claims, rows.at<int32_t>(rank, l.combine_done()))
+          : moe_first_arrival(claims);
   const uint32_t mode = a.payload != nullptr ? kPushBit : 0u;
   if (signal && threadIdx.x < world) {
     if (a.payload == nullptr) __threadfence_system();
@@ -160,7 +230,7 @@ __global__ void __launch_bounds__(kThreads) moe_a2a_combine(MoeCombineArgs a) {
                                    v | mode);
   }
   if (!moe_wait_flags(site, l.combine_completion_flags(), v | mode, kPhaseCombine,
-                      (v | mode) ^ kPushBit)) {
+                      kFlagValueMask)) {
     return;
   }
 
@@ -181,14 +251,16 @@ __global__ void __launch_bounds__(kThreads) moe_a2a_combine(MoeCombineArgs a) {
     __syncthreads();  // s_src is rewritten by the next token
   }
 
-  // 3. Done reading the rows of this round.
-  const int32_t expected = a.payload != nullptr ? 2 * gridDim.x : gridDim.x;
-  if (!moe_last_arrival(arrivals, expected)) return;
+  // 3. Done reading the rows of this round (every block has arrived: none takes a claim any
+  //    more, so the counters are reset for the next combine).
+  if (!moe_last_arrival(arrivals, gridDim.x)) return;
   if (threadIdx.x < world) {
     flag_store<MemOrder::kRelaxed>(rows.flag(threadIdx.x, l.release_flags(), rank), v);
   }
   if (threadIdx.x == 0) {
     *arrivals = 0;
+    *claims = 0;
+    *rows.at<int32_t>(rank, l.combine_done()) = 0;
     *rows.at<uint32_t>(rank, l.flag_value()) = v;
   }
   pdl_trigger();

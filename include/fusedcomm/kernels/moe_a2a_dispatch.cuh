@@ -7,9 +7,12 @@
 //      row of each token to slot (own rank, slot) of every destination's row, loading it once.
 //      The grid is what the device holds at once, so a block's copies run back to back.
 //   3. The block counts its arrival; the last block writes each destination's token count into
-//      the destination's recv counters [own rank], then the round's flag value into its
-//      dispatch flags [own rank] (release, system scope), resets the send counters for the next
-//      round, and waits until every source's flag in the own row holds the value (acquire).
+//      the destination's recv counters [own rank], then the round's dispatch flag (the flag
+//      value and a tag of R: dispatch_flag) into its dispatch flags [own rank] (release, system
+//      scope), resets the send counters for the next round, and waits until every source's
+//      flag in the own row holds it (acquire); a source with another R is a mismatch. With
+//      EPLB statistics, the block first writes them into row [rank] of every rank's EPLB
+//      region, so each rank's own region holds every rank's when the wait ends.
 // Slots within a source follow the order of the atomic increments (not deterministic).
 #pragma once
 #include "fusedcomm/kernels/moe_a2a_args.cuh"
@@ -22,10 +25,11 @@
 namespace fusedcomm {
 
 // Threads [0, world) of the block wait until flag [q] of the own row at `flags` equals `want`;
-// `other` (not 0) is a value that means the peer runs another variant of the step (a
-// mismatch). Returns the verdict of the whole block.
+// `step` (not 0): the bits that name the step, so that a flag equal to `want` on them but not
+// elsewhere means the peer runs another variant of the step (a mismatch; same_step in
+// kernels/moe_a2a_flags.cuh). Returns the verdict of the whole block.
 __device__ __forceinline__ bool moe_wait_flags(const MoeA2ASite& site, int64_t flags, uint32_t want,
-                                               int phase, uint32_t other = 0) {
+                                               int phase, uint32_t step = 0) {
   bool ok = true;
   const int q = threadIdx.x;
   if (q < site.world) {
@@ -33,7 +37,7 @@ __device__ __forceinline__ bool moe_wait_flags(const MoeA2ASite& site, int64_t f
     ok = wait_until(site, q, phase, want, [&](uint32_t& seen) {
       seen = flag_load<MemOrder::kAcquire>(f);
       if (seen == want) return Poll::kReady;
-      return other != 0 && seen == other ? Poll::kMismatch : Poll::kWait;
+      return step != 0 && same_step(seen, want, step) ? Poll::kMismatch : Poll::kWait;
     });
   }
   return __syncthreads_and(ok);
@@ -135,19 +139,31 @@ __global__ void __launch_bounds__(kThreads, 3) moe_a2a_dispatch(MoeDispatchArgs 
 
   // 3. The last block hands the counts over, signals and waits for every source.
   if (!moe_last_arrival(rows.at<int32_t>(rank, l.local_token_counter()), gridDim.x)) return;
+  const uint32_t signal = dispatch_flag(v, a.max_tokens);
+  if (a.eplb_count > 0) {
+    const int64_t stride = l.eplb_stats_num_experts;
+    for (int i = threadIdx.x; i < world * a.eplb_count; i += kThreads) {
+      const int dst = i / a.eplb_count, e = i % a.eplb_count;
+      rows.at<int32_t>(dst, l.eplb_gathered_stats())[rank * stride + e] = a.eplb_stats[e];
+    }
+    __threadfence_system();
+    __syncthreads();  // released below with the flags
+  }
   const int q = threadIdx.x;
   if (q < world) {
     const int32_t count = ld_volatile(&counters[q]);
     st_relaxed_sys(reinterpret_cast<uint32_t*>(rows.at<int32_t>(q, l.recv_counters()) + rank),
                    static_cast<uint32_t>(count));
-    flag_store<MemOrder::kRelease>(rows.flag(q, l.dispatch_completion_flags(), rank), v);
+    flag_store<MemOrder::kRelease>(rows.flag(q, l.dispatch_completion_flags(), rank), signal);
     counters[q] = 0;
   }
   if (threadIdx.x == 0) {
     *rows.at<int32_t>(rank, l.local_token_counter()) = 0;
     *rows.at<uint32_t>(rank, l.flag_value()) = v;
   }
-  if (!moe_wait_flags(site, l.dispatch_completion_flags(), v, kPhaseDispatch)) return;
+  if (!moe_wait_flags(site, l.dispatch_completion_flags(), signal, kPhaseDispatch, kStepMask)) {
+    return;
+  }
   pdl_trigger();
 }
 

@@ -18,6 +18,8 @@
 // kernels serve at most kMaxKernelRanks ranks (4W <= 64 leaves the second half of each padded
 // line free):
 //   combine arrivals           int32             dispatch flags + 64   (blocks of a combine)
+//   combine claims             int32             dispatch flags + 68   (push chunks taken)
+//   combine chunks done        int32             dispatch flags + 72   (push chunks copied)
 //   release flags              uint32 [W]        combine flags + 64    (per source)
 // Rank q stores into release flag [q] of every row when it has finished reading the rows of a
 // round (the end of its combine); a dispatch writes into no row before every rank has done so
@@ -66,6 +68,8 @@ struct MoeA2ALayout {
   __host__ __device__ constexpr int64_t combine_arrivals() const {
     return dispatch_completion_flags() + 4 * kMaxKernelRanks;
   }
+  __host__ __device__ constexpr int64_t combine_claims() const { return combine_arrivals() + 4; }
+  __host__ __device__ constexpr int64_t combine_done() const { return combine_arrivals() + 8; }
   __host__ __device__ constexpr int64_t release_flags() const {
     return combine_completion_flags() + 4 * kMaxKernelRanks;
   }

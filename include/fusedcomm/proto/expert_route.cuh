@@ -26,15 +26,15 @@ struct Route {
   int slot;
 };
 
-// Call with the whole warp. `counters`: one per rank. `dropped` counts the lane's id when it
-// lies outside [0, E).
+// Call with the whole warp. `counters`: one per rank. `dropped` (64 bits: it never wraps in
+// the life of a process) counts the lane's id when it lies outside [0, E).
 __device__ __forceinline__ Route route_token(const int32_t* experts, int top_k, int num_experts,
-                                             int world, int32_t* counters, int32_t* dropped,
-                                             uint32_t& dests) {
+                                             int world, int32_t* counters,
+                                             unsigned long long* dropped, uint32_t& dests) {
   const int k = threadIdx.x & 31;
   const bool active = k < top_k;
   const int owner = active ? expert_owner(experts[k], num_experts, world) : -1;
-  if (active && owner < 0) atomicAdd(dropped, 1);
+  if (active && owner < 0) atomicAdd(dropped, 1ull);
   // Lanes with the same owner; the lowest of them sends.
   const uint32_t same = __match_any_sync(0xffffffffu, owner);
   const bool first = owner >= 0 && (__ffs(same) - 1) == k;

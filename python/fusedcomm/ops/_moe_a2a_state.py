@@ -2,8 +2,13 @@
 
 Each initialised workspace (one rank's view of it) has a :class:`_Workspace`: its layout, its
 failure state (docs/failure-protocol.md), its dropped-id counter, the record the launch entries
-take, and the checked plans of the calls seen so far. The frontends (ops/moe_a2a.py) find it by
-the workspace's address and this rank.
+take, the checked plans of the calls seen so far and the round in progress (the last dispatch,
+which the next combine must match). The frontends (ops/moe_a2a.py) find it by the workspace's
+address and this rank.
+
+The failure state and the dropped-id counter live as long as the process knows the workspace:
+initialising it again resets them in place, so CUDA graphs captured before (their kernels hold
+those addresses) keep working after a recovery.
 """
 
 from __future__ import annotations
@@ -21,7 +26,13 @@ from ..runtime.failures import FailureState, FamilyNames
 from ..runtime.moe_a2a_workspace import MoeA2ALayout, moe_a2a_metainfo
 from ..runtime.moe_a2a_workspace import _int as _int
 
-__all__ = ["moe_a2a_initialize"]
+__all__ = ["MoeA2ACheckError", "moe_a2a_initialize"]
+
+
+class MoeA2ACheckError(ValueError, RuntimeError):
+    """A MoE all-to-all call whose arguments the workspace cannot serve (a combine that does not
+    repeat its dispatch, a payload in the wrong place). A ValueError, and also a RuntimeError:
+    other implementations of this API raise these from their C++ checks as RuntimeError."""
 
 
 @functools.cache
@@ -47,6 +58,17 @@ def _tensor(op: str, name: str, t: Any) -> torch.Tensor:
     return t
 
 
+@dataclasses.dataclass(frozen=True)
+class _Round:
+    """A dispatch that has not been combined yet: what its combine must repeat."""
+
+    local_tokens: int
+    top_k: int
+    max_tokens: int  # runtime_max_tokens_per_rank
+    combine_offset: int
+    owner: Any = None  # the MoeAlltoAll that dispatched (None: the free function)
+
+
 @dataclasses.dataclass(eq=False)
 class _Workspace:
     """What this process knows about one initialised workspace (one rank's view)."""
@@ -60,9 +82,10 @@ class _Workspace:
     device: int
     metainfo: torch.Tensor
     failure: FailureState
-    dropped: torch.Tensor  # int32 [1] on the device: ids outside [0, E) since initialisation
+    dropped: torch.Tensor  # int64 [1] on the device: ids outside [0, E) since initialisation
     record: Any  # the ws record the entries take (see csrc/moe_a2a.cu)
     plans: dict = dataclasses.field(default_factory=dict)
+    round: _Round | None = None  # the dispatch the next combine belongs to
 
     @property
     def own_row(self) -> int:
@@ -106,13 +129,17 @@ def moe_a2a_initialize(
 
     ``workspace``: ``uint8 [ep_size, size_per_rank]`` CUDA tensor whose row ``q`` is rank
     ``q``'s memory (rows at one stride, as :class:`~fusedcomm.MoeAlltoAll` allocates them).
-    Zeroes the own row, starts a fresh failure state for this workspace (a workspace refused
-    after a failure is usable again once every rank has initialised it again) and synchronises
-    the current stream. ``max_num_tokens``: the most tokens any rank dispatches in one round.
+    Zeroes the own row, clears the workspace's failure state and dropped-id counter (a
+    workspace refused after a failure is usable again once every rank has initialised it
+    again; both keep their device addresses, so CUDA graphs captured before stay valid) and
+    synchronises the device. ``max_num_tokens``: the most tokens any rank dispatches in one round.
     ``timeout_s``: bound on every wait for a peer (default ``FUSEDCOMM_TIMEOUT_S``).
 
     Collective in effect: every rank must finish it before any rank dispatches, so put a
-    barrier of the group after it (``MoeAlltoAll`` does). Returns the CPU int64 metainfo of
+    barrier of the group after it (``MoeAlltoAll`` does). Initialising again after a failure
+    needs the group quiet first: synchronise the device on every rank, then a barrier, then
+    initialise (a peer's kernel of the failed round may still write abort marks into this row
+    until its own timeout; ``MoeAlltoAll.reset`` does all of this). Returns the CPU int64 metainfo of
     the row layout (equal on every rank; treat it as opaque).
     """
     op = "moe_a2a_initialize"
@@ -145,11 +172,23 @@ def moe_a2a_initialize(
     d = _describe()
     names = FamilyNames(op=str(d["op"]), phases=tuple(str(p) for p in d["phases"]))
 
+    key = (workspace.data_ptr(), ep_rank)
+    with _lock:
+        old = _workspaces.pop(key, None)
     with torch.cuda.device(device):
+        torch.cuda.synchronize(device)  # none of this rank's kernels still reads the row
+        if old is not None and old.device == device:
+            failure, dropped = old.failure, old.dropped
+            _module().moe_a2a_clear_claim(device, failure.claim_ptr)
+            failure.clear()
+            dropped.zero_()
+        else:
+            if old is not None:
+                old.close()
+            failure = FailureState(device, names)
+            dropped = torch.zeros(1, dtype=torch.int64, device=workspace.device)
         workspace[ep_rank].zero_()
-        torch.cuda.current_stream().synchronize()
-        failure = FailureState(device, names)
-        dropped = torch.zeros(1, dtype=torch.int32, device=workspace.device)
+        torch.cuda.synchronize(device)
     record = [
         device,
         workspace.data_ptr(),
@@ -178,10 +217,7 @@ def moe_a2a_initialize(
         record=_ffi_array(record),
     )
     with _lock:
-        old = _workspaces.pop((workspace.data_ptr(), ep_rank), None)
-        _workspaces[(workspace.data_ptr(), ep_rank)] = state
-    if old is not None:
-        old.close()
+        _workspaces[key] = state
     return metainfo
 
 
@@ -223,6 +259,3 @@ def _max_tokens(op: str, st: _Workspace, value: Any) -> int:
 
 def _pdl(enable_pdl: Any, device: int) -> bool:
     return _pdl_default(device) if enable_pdl is None else bool(enable_pdl)
-
-
-# --- dispatch -----------------------------------------------------------------------------------

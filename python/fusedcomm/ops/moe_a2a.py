@@ -38,11 +38,21 @@ from ..runtime.moe_a2a_workspace import (
     MOE_A2A_MAX_TOP_K,
 )
 from ..runtime.moe_a2a_workspace import _int as _int
+from ._moe_a2a_extensions import (
+    COMBINE_DTYPES,
+    SF_LAYOUT_LINEAR,
+    _combine_output_dtype,
+    _eplb_stats,
+    _same_round,
+    _unsupported_extensions,
+)
 from ._moe_a2a_state import (
+    MoeA2ACheckError,
     _max_tokens,
     _module,
     _pdl,
     _pdl_default,
+    _Round,
     _state,
     _tensor,
     _Workspace,
@@ -51,14 +61,16 @@ from ._moe_a2a_state import moe_a2a_initialize as moe_a2a_initialize
 from ._register import register_op, tracing
 
 __all__ = [
+    "MoeA2ACheckError",
     "moe_a2a_combine",
     "moe_a2a_dispatch",
     "moe_a2a_dropped_expert_ids",
+    "moe_a2a_eplb_gathered_stats",
     "moe_a2a_initialize",
     "moe_a2a_sanitize_expert_ids",
 ]
 
-_COMBINE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_COMBINE_DTYPES = COMBINE_DTYPES
 
 
 def _row_is_contiguous(shape: Sequence[int], stride: Sequence[int]) -> bool:
@@ -158,6 +170,8 @@ def _dispatch_impl(
         num_experts,
         runtime_max_tokens_per_rank,
         flat,
+        0,
+        0,
         enable_pdl,
     )
 
@@ -184,6 +198,9 @@ def moe_a2a_dispatch(
     enable_pdl: bool | None = None,
     *,
     check_expert_ids: bool = False,
+    eplb_local_stats: torch.Tensor | None = None,
+    active_rank_mask: Any = None,
+    _owner: Any = None,
 ) -> tuple[list[torch.Tensor], int]:
     """Send every local token's payload rows to the ranks that own its experts.
 
@@ -208,6 +225,12 @@ def moe_a2a_dispatch(
     Ids outside ``[0, num_experts)`` are dropped and counted; with ``check_expert_ids=True``
     the call synchronises and raises ``ValueError`` when it dropped any (not capturable).
     ``enable_pdl``: programmatic dependent launch (default: on for SM90 and newer).
+    ``active_rank_mask``: None, or a mask with every rank's bit set (excluding ranks from a
+    round is not implemented: ``NotImplementedError``). ``eplb_local_stats``: int32 ``[n]``
+    (``n`` at most the ``eplb_stats_num_experts`` of initialisation) on the workspace's device;
+    every rank's lands in row ``rank`` of every rank's EPLB region during the dispatch
+    (:func:`moe_a2a_eplb_gathered_stats`); the return value stays the 2-tuple. The next :func:`moe_a2a_combine` on this workspace must repeat
+    this dispatch's local token count, ``top_k``, ``R`` and combine offset.
     """
     if tracing():
         return _dispatch_untraced(
@@ -221,10 +244,20 @@ def moe_a2a_dispatch(
             top_k,
             num_experts,
             enable_pdl,
-            check_expert_ids,
+            check_expert_ids=check_expert_ids,
+            eplb_local_stats=eplb_local_stats,
+            active_rank_mask=active_rank_mask,
+            _owner=_owner,
         )
     op = "moe_a2a_dispatch"
     st = _state(op, workspace, ep_rank, metainfo)
+    _unsupported_extensions(op, st, active_rank_mask)
+    eplb_ptr, eplb_count = _eplb_stats(op, st, eplb_local_stats)
+    if st.round is not None and st.round.owner is not _owner and st.round.owner is not None:
+        raise MoeA2ACheckError(
+            f"{op}: a MoeAlltoAll sharing this workspace has dispatched and not combined yet; "
+            "its combine must come first (interleaved rounds on one workspace corrupt both)"
+        )
     experts = token_selected_experts
     try:
         key = (
@@ -266,11 +299,32 @@ def moe_a2a_dispatch(
         num_experts,
         runtime_max_tokens_per_rank,
         flat,
+        eplb_ptr,
+        eplb_count,
         pdl,
+    )
+    st.round = _Round(
+        experts.size(0), top_k, runtime_max_tokens_per_rank, plan.combine_offset, _owner
     )
     if check_expert_ids:
         _raise_on_dropped(op, st, before, num_experts)
     return list(plan.views), plan.combine_offset
+
+
+def moe_a2a_eplb_gathered_stats(workspace: torch.Tensor, ep_rank: int) -> torch.Tensor:
+    """The EPLB statistics the last dispatches gathered: int32 ``[ep_size,
+    eplb_stats_num_experts]``, a view of this rank's row; row ``q`` holds what rank ``q`` passed
+    as ``eplb_local_stats`` (its first entries; the rest keep earlier values, 0 after
+    initialisation). Read it between a dispatch and its combine: once this rank has combined,
+    a peer's next dispatch may overwrite it."""
+    op = "moe_a2a_eplb_gathered_stats"
+    st = _state(op, workspace, ep_rank)
+    n = st.layout.eplb_stats_num_experts
+    if n == 0:
+        raise ValueError(f"{op}: the workspace was initialised without an EPLB region")
+    start = st.layout.eplb_gathered_stats
+    row = st.workspace[st.rank]
+    return row[start : start + 4 * st.world * n].view(torch.int32).view(st.world, n)
 
 
 _dispatch_untraced = torch.compiler.disable(moe_a2a_dispatch)
@@ -379,9 +433,16 @@ def moe_a2a_combine(
     top_k: int,
     combine_payload_offset: int,
     payload_in_workspace: bool = False,
-    enable_pdl: bool | None = None,
-    *,
+    output_dtype: torch.dtype | None = None,
+    output_scales: torch.Tensor | None = None,
+    output_scalar_scale: float = 1.0,
+    sf_layout: int = SF_LAYOUT_LINEAR,
     output: torch.Tensor | None = None,
+    *,
+    use_low_precision: bool = False,
+    enable_pdl: bool | None = None,
+    active_rank_mask: Any = None,
+    _owner: Any = None,
 ) -> torch.Tensor:
     """Bring the experts' results back to the tokens' ranks and sum them per token.
 
@@ -390,15 +451,25 @@ def moe_a2a_combine(
     ``j`` received from ``src`` in the last dispatch, router weights already applied; only
     rows of received tokens are read. With ``payload_in_workspace=True`` it must be the view
     at ``combine_payload_offset`` of the own row (``MoeAlltoAll.
-    get_combine_payload_tensor_in_workspace``) and no copy is made. ``local_num_tokens``: this
-    rank's ``L`` of the dispatch; ``R`` and ``top_k`` as in the dispatch.
+    get_combine_payload_tensor_in_workspace``) and no copy is made; otherwise it must not
+    overlap any combine region of the workspace. ``local_num_tokens``, ``R``, ``top_k`` and
+    ``combine_payload_offset``: those of the last dispatch on this workspace (checked: a
+    combine with other values, or without a dispatch since the last combine, raises
+    :class:`MoeA2ACheckError`, a ``ValueError`` and ``RuntimeError``, before any launch).
 
-    Returns ``[local_num_tokens, H]`` of the payload's dtype (``output`` if given: a contiguous
-    CUDA tensor of exactly that shape and dtype): for each local token the fp32 sum over its
-    ``top_k`` pairs of the row its owner sent back (each owner once; a pair that sent nothing
-    counts as +0), in a fixed order (a pairwise tree for top_k 2, 4, 6, 8, 10, 16, 22,
-    sequential otherwise), rounded once. Same routing, same bits, every run. A rank with no
-    local tokens still takes part and returns ``[0, H]``.
+    Returns ``[local_num_tokens, H]`` (``output`` if given: a contiguous CUDA tensor of exactly
+    that shape and the output dtype): for each local token the fp32 sum over its ``top_k``
+    pairs of the row its owner sent back (each owner once; a pair that sent nothing counts as
+    +0), in a fixed order (a pairwise tree for top_k 2, 4, 6, 8, 10, 16, 22, sequential
+    otherwise), rounded once to the payload's dtype. Same routing, same bits, every run. A
+    rank with no local tokens still takes part and returns ``[0, H]``.
+
+    ``output_dtype``: None (the payload's dtype) or another of float16, bfloat16, float32: the
+    rounded sum is then converted (exact when widening; narrowing from float32 rounds the fp32
+    sum once). Quantised outputs (FP8 / FP4 dtypes, ``output_scales``, an
+    ``output_scalar_scale`` other than 1.0) and ``use_low_precision=True`` are not implemented
+    and raise ``NotImplementedError``; ``sf_layout`` must be a valid ``SfLayout`` value (it
+    only matters for quantised outputs). ``active_rank_mask``: as in :func:`moe_a2a_dispatch`.
     """
     if tracing():
         return _untraced_moe_a2a_combine(
@@ -412,11 +483,22 @@ def moe_a2a_combine(
             top_k,
             combine_payload_offset,
             payload_in_workspace,
-            enable_pdl,
-            output=output,
+            output_dtype,
+            output_scales,
+            output_scalar_scale,
+            sf_layout,
+            output,
+            use_low_precision=use_low_precision,
+            enable_pdl=enable_pdl,
+            active_rank_mask=active_rank_mask,
+            _owner=_owner,
         )
     op = "moe_a2a_combine"
     st = _state(op, workspace, ep_rank, metainfo)
+    _unsupported_extensions(op, st, active_rank_mask)
+    out_dtype = _combine_output_dtype(
+        op, payload, output_dtype, output_scales, output_scalar_scale, sf_layout, use_low_precision
+    )
     in_workspace = bool(payload_in_workspace)
     try:
         key = (
@@ -447,16 +529,19 @@ def moe_a2a_combine(
         )
         if key is not None:
             st.plans[key] = True
+    _same_round(op, st, local_num_tokens, top_k, runtime_max_tokens_per_rank,
+                combine_payload_offset, _owner)  # fmt: skip
     if in_workspace:
         if payload.data_ptr() != st.own_row + combine_payload_offset or not payload.is_contiguous():
-            raise ValueError(
+            raise MoeA2ACheckError(
                 f"{op}: payload_in_workspace=True needs the payload to be the contiguous view at "
                 f"combine_payload_offset ({combine_payload_offset}) of this rank's row "
                 "(MoeAlltoAll.get_combine_payload_tensor_in_workspace)"
             )
     elif not payload.is_contiguous():
         payload = payload.contiguous()
-    out = _output(op, output, local_num_tokens, payload.size(2), payload)
+    converted = out_dtype != payload.dtype
+    out = _output(op, None if converted else output, local_num_tokens, payload.size(2), payload)
     pdl = _pdl_default(st.device) if enable_pdl is None else bool(enable_pdl)
     _module().moe_a2a_combine_launch(
         out,
@@ -467,6 +552,10 @@ def moe_a2a_combine(
         combine_payload_offset,
         pdl,
     )
+    st.round = None
+    if converted:
+        target = _output(op, output, local_num_tokens, payload.size(2), payload, out_dtype)
+        return target.copy_(out)
     return out
 
 
@@ -520,19 +609,27 @@ def _check_combine(
 _untraced_moe_a2a_combine = torch.compiler.disable(moe_a2a_combine)
 
 
-def _output(op: str, output: Any, local: int, hidden: int, payload: torch.Tensor) -> torch.Tensor:
+def _output(
+    op: str,
+    output: Any,
+    local: int,
+    hidden: int,
+    payload: torch.Tensor,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    dtype = payload.dtype if dtype is None else dtype
     if output is None:
-        return torch.empty((local, hidden), dtype=payload.dtype, device=payload.device)
+        return torch.empty((local, hidden), dtype=dtype, device=payload.device)
     output = _tensor(op, "output", output)
     if (
         output.shape != (local, hidden)
-        or output.dtype != payload.dtype
+        or output.dtype != dtype
         or output.device != payload.device
         or not output.is_contiguous()
     ):
         raise ValueError(
             f"{op}: output ({tuple(output.shape)}, {output.dtype}, {output.device}) must be a "
-            f"contiguous [{local}, {hidden}] {payload.dtype} tensor on {payload.device}"
+            f"contiguous [{local}, {hidden}] {dtype} tensor on {payload.device}"
         )
     return output
 

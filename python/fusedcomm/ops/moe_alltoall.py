@@ -4,7 +4,9 @@ It owns (through a per-process cache) a workspace of peer-mapped memory, initial
 every rank with a barrier after, and walks the round's steps in order:
 ``idle -> dispatch() -> dispatched -> combine() -> idle``. Misuse (combine before dispatch,
 two dispatches in a row, another ``runtime_max_tokens_per_rank`` in the combine) raises
-before anything is launched.
+before anything is launched. The round in progress is tracked per workspace, not per
+instance: instances sharing a workspace that interleave their rounds (dispatch A, dispatch B)
+raise instead of corrupting both.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from ..runtime.moe_a2a_workspace import (
     moe_a2a_wrap_payload_tensor_in_workspace,
     moe_workspace_size_per_rank,
 )
+from . import _moe_a2a_state as _ws_state
 from . import moe_a2a as _a2a
 
 __all__ = ["MoeA2AArgumentError", "MoeA2AStateError", "MoeAlltoAll"]
@@ -93,11 +96,17 @@ class MoeAlltoAll:
         workspace_size_per_rank: int | None = None,
         hidden_size: int | None = None,
         mnnvl_config: MnnvlConfig | None = None,
-        *,
         eplb_stats_num_experts: int = 0,
+        enable_rank_mask: bool = False,
+        *,
         timeout_s: float | None = None,
         check_expert_ids: bool = False,
     ):
+        if enable_rank_mask:
+            raise NotImplementedError(
+                "MoeAlltoAll: enable_rank_mask=True (excluding ranks from rounds) is not "
+                "implemented; pass enable_rank_mask=False"
+            )
         self.top_k = _positive("top_k", top_k)
         self.num_experts = _positive("num_experts", num_experts)
         self.max_num_tokens = _positive("max_num_tokens", max_num_tokens)
@@ -133,10 +142,6 @@ class MoeAlltoAll:
         self.workspace: torch.Tensor = entry["workspace"]
         self.metainfo: torch.Tensor = entry["metainfo"]
         self.check_expert_ids = bool(check_expert_ids)
-        self._phase = "idle"
-        self._local_num_tokens = 0
-        self._max_tokens = 0
-        self._combine_offset = 0
 
     def _create(self, mapping, mnnvl_config, eplb: int, timeout_s) -> dict:
         from ..runtime.peer_memory import PeerMemory
@@ -164,10 +169,15 @@ class MoeAlltoAll:
         }
 
     def reset(self, *, timeout_s: float | None = None) -> None:
-        """Start over after a failure: initialise this workspace again and meet the group
-        (collective: call on every rank of the group, with nothing in flight). Every instance
-        sharing the workspace goes back to idle."""
+        """Start over after a failure (collective: call on every rank of the group). Waits
+        until this rank's device is idle and every rank has got there (a peer's kernel of the
+        failed round may still be waiting out its timeout, and writes abort marks when it gives
+        up), then initialises the workspace again in place and meets the group. The failure
+        state and counters keep their addresses, so CUDA graphs captured before replay
+        correctly afterwards. Every instance sharing the workspace goes back to idle."""
         entry = self._entry
+        torch.cuda.synchronize(self.workspace.device)
+        entry["backend"].barrier()  # no kernel of the failed round runs on any rank
         entry["metainfo"] = _a2a.moe_a2a_initialize(
             self.workspace,
             self.ep_rank,
@@ -177,8 +187,30 @@ class MoeAlltoAll:
             timeout_s=entry["timeout_s"] if timeout_s is None else timeout_s,
         )
         self.metainfo = entry["metainfo"]
-        entry["backend"].barrier()
-        self._phase = "idle"
+        entry["backend"].barrier()  # no rank dispatches into a row before its owner zeroed it
+
+    def checkpoint_prepare(self) -> None:
+        """Engines call this before suspending the process; saving the workspace is not
+        implemented."""
+        raise NotImplementedError(
+            "MoeAlltoAll.checkpoint_prepare: checkpointing the MoE all-to-all workspace is not "
+            "implemented"
+        )
+
+    def checkpoint_restore(self, comm_backend: Any) -> None:
+        """Engines call this after resuming the process; restoring the workspace is not
+        implemented."""
+        raise NotImplementedError(
+            "MoeAlltoAll.checkpoint_restore: checkpointing the MoE all-to-all workspace is not "
+            "implemented"
+        )
+
+    @property
+    def eplb_gathered_stats(self) -> torch.Tensor:
+        """The ``eplb_local_stats`` every rank passed to its last dispatch: int32 ``[ep_size,
+        eplb_stats_num_experts]`` (:func:`fusedcomm.ops.moe_a2a.moe_a2a_eplb_gathered_stats`);
+        read it before the round's combine. Needs ``eplb_stats_num_experts > 0``."""
+        return _a2a.moe_a2a_eplb_gathered_stats(self.workspace, self.ep_rank)
 
     @classmethod
     def free_workspaces(cls) -> None:
@@ -188,24 +220,46 @@ class MoeAlltoAll:
 
     # ----------------------------------------------------------------------------- a round
 
+    def _round(self):
+        """The round in progress on this instance's workspace (any instance's), or None."""
+        st = _ws_state._workspaces.get((self.workspace.data_ptr(), self.ep_rank))
+        return None if st is None else st.round
+
     @property
     def phase(self) -> str:
-        """``"idle"`` or ``"dispatched"``."""
-        return self._phase
+        """``"idle"`` or ``"dispatched"`` (this instance has dispatched and not combined)."""
+        r = self._round()
+        return "dispatched" if r is not None and r.owner is self else "idle"
 
-    def _expect(self, phase: str, what: str) -> None:
-        if self._phase != phase:
+    def _expect(self, phase: str, what: str):
+        r = self._round()
+        if r is not None and r.owner is not self:
+            whose = "another MoeAlltoAll" if r.owner is not None else "moe_a2a_dispatch"
             raise MoeA2AStateError(
-                f"MoeAlltoAll.{what}: called in phase {self._phase!r}, needs {phase!r} (a round is "
+                f"MoeAlltoAll.{what}: {whose} sharing this workspace has dispatched and not "
+                "combined yet; interleaved rounds on one workspace corrupt both (finish that "
+                "round first)"
+            )
+        if self.phase != phase:
+            raise MoeA2AStateError(
+                f"MoeAlltoAll.{what}: called in phase {self.phase!r}, needs {phase!r} (a round is "
                 "dispatch() then combine())"
             )
+        return r
 
-    def _same_round(self, what: str, runtime_max_tokens_per_rank: int) -> None:
-        if runtime_max_tokens_per_rank != self._max_tokens:
+    def _same_round(self, what: str, runtime_max_tokens_per_rank: int):
+        r = self._round()
+        if r is None or r.owner is not self:
+            raise RuntimeError(
+                f"MoeAlltoAll.{what}: needs a dispatch() of this instance first (phase is "
+                f"{self.phase!r})"
+            )
+        if runtime_max_tokens_per_rank != r.max_tokens:
             raise MoeA2AArgumentError(
                 f"MoeAlltoAll.{what}: runtime_max_tokens_per_rank ({runtime_max_tokens_per_rank}) "
-                f"must be the dispatch's ({self._max_tokens})"
+                f"must be the dispatch's ({r.max_tokens})"
             )
+        return r
 
     def dispatch(
         self,
@@ -214,13 +268,18 @@ class MoeAlltoAll:
         runtime_max_tokens_per_rank: int,
         invalid_token_expert_id: int | None = None,
         expert_id_payload_index: int | None = None,
+        eplb_local_stats: torch.Tensor | None = None,
+        active_rank_mask: Any = None,
         *,
         enable_pdl: bool | None = None,
     ) -> list[torch.Tensor]:
         """Dispatch (see :func:`fusedcomm.moe_a2a_dispatch`); returns the received views,
         ``[ep_size, R, *]`` per payload. With ``invalid_token_expert_id``, the received copy of
         the expert ids (``input_payloads[expert_id_payload_index]``, required then) has its
-        padding slots set to that id (:func:`fusedcomm.moe_a2a_sanitize_expert_ids`)."""
+        padding slots set to that id (:func:`fusedcomm.moe_a2a_sanitize_expert_ids`).
+        ``eplb_local_stats`` (gathered into :attr:`eplb_gathered_stats`) and
+        ``active_rank_mask`` (a mask of every rank, or ``NotImplementedError``): as in the free
+        function."""
         self._expect("idle", "dispatch")
         if runtime_max_tokens_per_rank > self.max_num_tokens:
             raise MoeA2AArgumentError(
@@ -249,11 +308,10 @@ class MoeAlltoAll:
             self.top_k,
             self.num_experts,
             enable_pdl,
+            eplb_local_stats=eplb_local_stats,
+            active_rank_mask=active_rank_mask,
+            _owner=self,
         )
-        self._phase = "dispatched"
-        self._local_num_tokens = token_selected_experts.size(0)
-        self._max_tokens = runtime_max_tokens_per_rank
-        self._combine_offset = offset
         if invalid_token_expert_id is not None:
             _a2a.moe_a2a_sanitize_expert_ids(
                 received[expert_id_payload_index],
@@ -278,31 +336,42 @@ class MoeAlltoAll:
         payload: torch.Tensor,
         runtime_max_tokens_per_rank: int,
         payload_in_workspace: bool = False,
-        *,
+        output_dtype: torch.dtype | None = None,
+        output_scales: torch.Tensor | None = None,
+        output_scalar_scale: float = 1.0,
+        sf_layout: int = _a2a.SF_LAYOUT_LINEAR,
         output: torch.Tensor | None = None,
+        *,
+        use_low_precision: bool = False,
+        active_rank_mask: Any = None,
         enable_pdl: bool | None = None,
     ) -> torch.Tensor:
-        """Combine (see :func:`fusedcomm.moe_a2a_combine`) the ``[ep_size, R, H]`` expert
-        results of the last dispatch; returns ``[local_num_tokens, H]``. ``R`` must be the
-        dispatch's. Ends the round."""
+        """Combine (see :func:`fusedcomm.moe_a2a_combine`, which documents every argument) the
+        ``[ep_size, R, H]`` expert results of the last dispatch; returns ``[local_num_tokens,
+        H]``. ``R`` must be the dispatch's. Ends the round."""
         self._expect("dispatched", "combine")
-        self._same_round("combine", runtime_max_tokens_per_rank)
-        out = _a2a.moe_a2a_combine(
+        r = self._same_round("combine", runtime_max_tokens_per_rank)
+        return _a2a.moe_a2a_combine(
             payload,
-            self._local_num_tokens,
+            r.local_tokens,
             self.workspace,
             self.metainfo,
             runtime_max_tokens_per_rank,
             self.ep_rank,
             self.ep_size,
             self.top_k,
-            self._combine_offset,
+            r.combine_offset,
             payload_in_workspace,
-            enable_pdl,
-            output=output,
+            output_dtype,
+            output_scales,
+            output_scalar_scale,
+            sf_layout,
+            output,
+            use_low_precision=use_low_precision,
+            enable_pdl=enable_pdl,
+            active_rank_mask=active_rank_mask,
+            _owner=self,
         )
-        self._phase = "idle"
-        return out
 
     def get_combine_payload_tensor_in_workspace(
         self, runtime_max_tokens_per_rank: int, hidden_size: int, dtype: torch.dtype
@@ -310,13 +379,8 @@ class MoeAlltoAll:
         """The own combine region as ``[ep_size, R, hidden_size]`` of ``dtype``: write the
         expert results there and call ``combine(..., payload_in_workspace=True)`` to skip the
         copy. Only between dispatch() and combine(); ``R`` must be the dispatch's."""
-        if self._phase != "dispatched":
-            raise RuntimeError(
-                "MoeAlltoAll.get_combine_payload_tensor_in_workspace: needs a dispatch() first "
-                f"(phase is {self._phase!r})"
-            )
-        self._same_round("get_combine_payload_tensor_in_workspace", runtime_max_tokens_per_rank)
-        start = self.ep_rank * self.workspace.stride(0) + self._combine_offset
+        r = self._same_round("get_combine_payload_tensor_in_workspace", runtime_max_tokens_per_rank)
+        start = self.ep_rank * self.workspace.stride(0) + r.combine_offset
         size = self.ep_size * runtime_max_tokens_per_rank * hidden_size * dtype.itemsize
         return moe_a2a_wrap_payload_tensor_in_workspace(
             self.workspace, [self.ep_size, runtime_max_tokens_per_rank], start, start + size, dtype

@@ -163,6 +163,14 @@ class FailureState:
             waited_s=r["waited_ns"] / 1e9,
         )
 
+    def clear(self) -> None:
+        """Forget a recorded failure: zero the record (the owner zeroes the claim word on the
+        device). Only while no kernel of this communicator runs or is queued on any rank."""
+        fields, _ = _layout()
+        if self.record_host_ptr:
+            ctypes.memset(self.record_host_ptr, 0, fields["size"][1])
+        self._error = None
+
     def close(self) -> None:
         """Free the state (synchronises the device first). Call once, when disposing."""
         with _lock:

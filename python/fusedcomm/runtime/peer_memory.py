@@ -56,6 +56,8 @@ EXCHANGE_TIMEOUT_S = 60.0
 _BACKEND_METHODS = ("Get_rank", "Get_size", "allgather", "bcast", "barrier")
 _RANK = struct.Struct("<i")  # what the two ends of a connection say first: their rank
 _POLL_S = 0.2  # how often the serving thread looks at its stop flag
+_HELLO_S = 5.0  # how long the server waits for a connected process to say its rank
+_CREDS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
 @functools.cache
@@ -99,6 +101,16 @@ def _socket_name(token: str, rank: int) -> str:
     return f"\0fusedcomm-peer-memory-{token}-{rank}"
 
 
+def _peer_uid(sock: socket.socket) -> int:
+    """The user id of the process at the other end of a connected Unix socket."""
+    _, uid, _ = _CREDS.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDS.size))
+    return uid
+
+
+class _Stray(Exception):
+    """A connection to the server that is not a peer's request (ignored, never fatal)."""
+
+
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
     data = b""
     while len(data) < n:
@@ -110,7 +122,13 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 
 
 class _FdServer(threading.Thread):
-    """Hands ``fd`` to each of the ``world - 1`` peers that connect to ``listener``."""
+    """Hands ``fd`` to each of the ``world - 1`` peers that connect to ``listener``.
+
+    The socket's name is in the abstract namespace, which any local process can connect to: a
+    connection that is not a peer's request (another user's process, one that says nothing
+    within ``_HELLO_S``, no valid rank, a rank already served) is closed without an fd and
+    noted in ``strays``; serving goes on. Only a failure to send the fd to a peer is fatal.
+    """
 
     def __init__(self, listener: socket.socket, fd: int, rank: int, world: int, timeout_s: float):
         super().__init__(name=f"fusedcomm-peer-memory-serve-{rank}", daemon=True)
@@ -118,6 +136,7 @@ class _FdServer(threading.Thread):
         self.timeout_s = timeout_s
         self.deadline = time.monotonic() + timeout_s
         self.served: set[int] = set()
+        self.strays: list[str] = []
         self.error: BaseException | None = None
         self.stop = threading.Event()
 
@@ -141,22 +160,32 @@ class _FdServer(threading.Thread):
             except TimeoutError:
                 continue
             with conn:
-                conn.settimeout(max(self.deadline - time.monotonic(), _POLL_S))
-                self._serve_one(conn)
+                conn.settimeout(min(max(self.deadline - time.monotonic(), _POLL_S), _HELLO_S))
+                try:
+                    peer = self._requester(conn)
+                except _Stray as stray:
+                    self.strays.append(str(stray))
+                    continue
+                socket.send_fds(conn, [_RANK.pack(self.rank)], [self.fd])
+                self.served.add(peer)
 
-    def _serve_one(self, conn: socket.socket) -> None:
-        creds = struct.Struct("3i")
-        _, uid, _ = creds.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, creds.size))
-        if uid != os.getuid():
-            raise PermissionError(f"rank {self.rank}: a process of user {uid} asked for its fd")
-        said = _recv_exact(conn, _RANK.size)
+    def _requester(self, conn: socket.socket) -> int:
+        """The peer rank asking on ``conn``; raises _Stray for anything else."""
+        try:
+            uid = _peer_uid(conn)
+            if uid != os.getuid():
+                raise _Stray(f"rank {self.rank}: a process of user {uid} asked for its fd")
+            said = _recv_exact(conn, _RANK.size)
+        except OSError as exc:  # includes the hello timeout
+            raise _Stray(
+                f"rank {self.rank}: a connection failed before saying a rank: {exc}"
+            ) from None
         if len(said) != _RANK.size:
-            raise ConnectionError(f"rank {self.rank}: a peer connected but did not say its rank")
+            raise _Stray(f"rank {self.rank}: a process connected but did not say its rank")
         (peer,) = _RANK.unpack(said)
         if not 0 <= peer < self.world or peer == self.rank or peer in self.served:
-            raise ConnectionError(f"rank {self.rank}: unexpected request from rank {peer}")
-        socket.send_fds(conn, [_RANK.pack(self.rank)], [self.fd])
-        self.served.add(peer)
+            raise _Stray(f"rank {self.rank}: unexpected request from rank {peer}")
+        return peer
 
     def result(self, wait_s: float) -> None:
         """Raise what went wrong while serving (after waiting up to ``wait_s`` to finish)."""
@@ -173,12 +202,21 @@ def _fetch_fd(token: str, rank: int, peer: int, timeout_s: float) -> int:
         sock.settimeout(timeout_s)
         try:
             sock.connect(_socket_name(token, peer))
+            # Anyone can bind an abstract name first: take an fd only from this user's process.
+            uid = _peer_uid(sock)
+            if uid != os.getuid():
+                raise PermissionError(
+                    f"rank {rank}: the socket of rank {peer} belongs to a process of user {uid}, "
+                    f"not of this user ({os.getuid()}); refusing to take an fd from it"
+                )
             sock.sendall(_RANK.pack(rank))
             msg, fds, _, _ = socket.recv_fds(sock, _RANK.size, 1)
         except TimeoutError:
             raise TimeoutError(
                 f"rank {rank} waited {timeout_s:g} s for rank {peer} to send its fd"
             ) from None
+        except PermissionError:
+            raise
         except OSError as exc:
             raise ConnectionError(f"rank {rank} could not fetch rank {peer}'s fd: {exc}") from exc
         if len(fds) != 1 or msg != _RANK.pack(peer):

@@ -1,0 +1,332 @@
+"""MoE all-to-all rounds on CPU, with a fake kernel module: the round in progress is tracked per
+workspace (instances sharing one cannot interleave their rounds), a combine must repeat its
+dispatch, and the call forms engines and the reference's tests use bind and behave (implemented
+arguments work, the others raise NotImplementedError naming the argument, nothing is ignored).
+Refused calls launch nothing."""
+
+import inspect
+
+import pytest
+import torch
+
+import fusedcomm
+from fusedcomm import Mapping, MoeAlltoAll
+from fusedcomm.ops import _moe_a2a_state as state
+from fusedcomm.ops import moe_a2a as a2a_ops
+from fusedcomm.ops.moe_a2a import MoeA2ACheckError
+from fusedcomm.ops.moe_alltoall import MoeA2AStateError
+from fusedcomm.runtime.moe_a2a_workspace import (
+    MoeA2ALayout,
+    moe_a2a_get_workspace_size_per_rank,
+    moe_a2a_metainfo,
+)
+
+W, M, HIDDEN, EXPERTS = 2, 8, 64, 8
+ROW = moe_a2a_get_workspace_size_per_rank(W, M, 4 * 4 + 2 * HIDDEN, 4 * HIDDEN)
+
+
+class _FakeFailure:
+    def check(self, op=None):
+        pass
+
+    def close(self):
+        pass
+
+
+class _FakeModule:
+    """Records the launches; writes a recognisable value into a combine's output."""
+
+    def __init__(self):
+        self.calls = []
+
+    def moe_a2a_dispatch_launch(self, experts, *args):
+        self.calls.append("dispatch")
+        self.args = args
+
+    def moe_a2a_combine_launch(self, out, *args):
+        self.calls.append("combine")
+        out.copy_(torch.arange(out.numel(), dtype=torch.float32).view(out.shape) / 3)
+
+    def moe_a2a_sanitize_launch(self, *args):
+        self.calls.append("sanitize")
+
+
+class _FakeBackend:
+    def barrier(self):
+        pass
+
+
+def _register(rank=0, eplb=0):
+    """A workspace as moe_a2a_initialize leaves it, on CPU, with a fake failure state."""
+    row = ROW + MoeA2ALayout(W, M, eplb).payload_data
+    ws = torch.zeros(W, row, dtype=torch.uint8)
+    st = state._Workspace(
+        workspace=ws,
+        rank=rank,
+        world=W,
+        layout=MoeA2ALayout(W, M, eplb),
+        row_bytes=row,
+        row_stride=ws.stride(0),
+        device=0,
+        metainfo=moe_a2a_metainfo(W, M, eplb),
+        failure=_FakeFailure(),
+        dropped=torch.zeros(1, dtype=torch.int64),
+        record=None,
+    )
+    state._workspaces[(ws.data_ptr(), rank)] = st
+    return ws, st.metainfo
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    module = _FakeModule()
+    monkeypatch.setattr(a2a_ops, "_module", lambda: module)
+    monkeypatch.setattr(a2a_ops, "_pdl_default", lambda device: False)
+    monkeypatch.setattr(state, "_pdl_default", lambda device: False)
+
+    def create(self, mapping, mnnvl_config, eplb, timeout_s):
+        ws, metainfo = _register(self.ep_rank)
+        return {"workspace": ws, "metainfo": metainfo, "backend": _FakeBackend(), "eplb": eplb,
+                "timeout_s": timeout_s}  # fmt: skip
+
+    monkeypatch.setattr(MoeAlltoAll, "_create", create)
+    monkeypatch.setattr(MoeAlltoAll, "_WORKSPACE_CACHE", {})
+    monkeypatch.setattr(state, "_workspaces", {})
+    return module
+
+
+def _inputs(tokens, top_k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    experts = torch.stack([torch.randperm(EXPERTS, generator=g)[:top_k] for _ in range(tokens)])
+    return experts.int().contiguous(), torch.randn(tokens, HIDDEN, generator=g).bfloat16()
+
+
+def _instance(top_k=2):
+    return MoeAlltoAll(Mapping(W, 0, tp_size=W, moe_ep_size=W), M, top_k, EXPERTS, ROW)
+
+
+def _payload(r=M, dtype=torch.bfloat16):
+    return torch.randn(W, r, HIDDEN).to(dtype)
+
+
+# --- the round is the workspace's --------------------------------------------------------------
+
+
+def test_instances_sharing_a_workspace_cannot_interleave_rounds(fake):
+    a, b = _instance(top_k=2), _instance(top_k=4)
+    assert a.workspace is b.workspace
+    ea, ha = _inputs(5, 2)
+    eb, hb = _inputs(7, 4, seed=1)
+    a.dispatch(ea, [ha], M)
+    assert (a.phase, b.phase) == ("dispatched", "idle")
+    with pytest.raises(MoeA2AStateError, match="another MoeAlltoAll"):
+        b.dispatch(eb, [hb], M)
+    with pytest.raises(MoeA2AStateError, match="another MoeAlltoAll"):
+        b.combine(_payload(), M)
+    assert fake.calls == ["dispatch"]
+    out = a.combine(_payload(), M)
+    assert out.shape == (5, HIDDEN)
+    assert (a.phase, b.phase) == ("idle", "idle")
+    b.dispatch(eb, [hb], M)
+    with pytest.raises(MoeA2AStateError):
+        a.combine(_payload(), M)
+    with pytest.raises(RuntimeError):
+        a.get_combine_payload_tensor_in_workspace(M, HIDDEN, torch.bfloat16)
+    assert b.combine(_payload(), M).shape == (7, HIDDEN)  # b's own local token count
+    assert fake.calls == ["dispatch", "combine", "dispatch", "combine"]
+
+
+def test_a_free_round_and_an_instance_round_do_not_mix(fake):
+    a = _instance()
+    experts, hidden = _inputs(3, 2)
+    a.dispatch(experts, [hidden], M)
+    args = (a.workspace, a.metainfo, M, 0, W, 2)
+    with pytest.raises(MoeA2ACheckError, match="MoeAlltoAll"):
+        fusedcomm.moe_a2a_dispatch(experts, [hidden], *args, EXPERTS)
+    with pytest.raises(MoeA2ACheckError, match="another MoeAlltoAll"):
+        fusedcomm.moe_a2a_combine(_payload(), 3, *args, a.metainfo[8].item())
+    assert fake.calls == ["dispatch"]
+    a.combine(_payload(), M)
+
+
+def test_combine_must_repeat_its_dispatch(fake):
+    ws, metainfo = _register()
+    experts, hidden = _inputs(5, 2)
+    common = (ws, metainfo, M, 0, W)
+    with pytest.raises(MoeA2ACheckError, match="no dispatch"):
+        fusedcomm.moe_a2a_combine(_payload(), 5, *common, 2, 1 << 12)
+    _, offset = fusedcomm.moe_a2a_dispatch(experts, [hidden], *common, 2, EXPERTS)
+    y = _payload()
+    for local, top_k, match in ((4, 2, "local_num_tokens 4"), (5, 3, "top_k 3"), (6, 2, "6")):
+        with pytest.raises(MoeA2ACheckError, match=match) as e:
+            fusedcomm.moe_a2a_combine(y, local, *common, top_k, offset)
+        assert isinstance(e.value, ValueError) and isinstance(e.value, RuntimeError)
+    with pytest.raises(MoeA2ACheckError, match="combine_payload_offset"):
+        fusedcomm.moe_a2a_combine(y, 5, *common, 2, offset + 128)
+    assert fake.calls == ["dispatch"]
+    assert fusedcomm.moe_a2a_combine(y, 5, *common, 2, offset).shape == (5, HIDDEN)
+    with pytest.raises(MoeA2ACheckError, match="no dispatch"):  # the round is over
+        fusedcomm.moe_a2a_combine(y, 5, *common, 2, offset)
+    assert fake.calls == ["dispatch", "combine"]
+
+
+# --- the signatures engines call ----------------------------------------------------------------
+
+COMBINE_FREE = [
+    "payload", "local_num_tokens", "workspace", "metainfo", "runtime_max_tokens_per_rank",
+    "ep_rank", "ep_size", "top_k", "combine_payload_offset", "payload_in_workspace",
+    "output_dtype", "output_scales", "output_scalar_scale", "sf_layout", "output",
+]  # fmt: skip
+COMBINE_METHOD = [
+    "payload", "runtime_max_tokens_per_rank", "payload_in_workspace", "output_dtype",
+    "output_scales", "output_scalar_scale", "sf_layout", "output",
+]  # fmt: skip
+INIT = [
+    "mapping", "max_num_tokens", "top_k", "num_experts", "workspace_size_per_rank",
+    "hidden_size", "mnnvl_config", "eplb_stats_num_experts", "enable_rank_mask",
+]  # fmt: skip
+DISPATCH_METHOD = [
+    "token_selected_experts", "input_payloads", "runtime_max_tokens_per_rank",
+    "invalid_token_expert_id", "expert_id_payload_index", "eplb_local_stats",
+    "active_rank_mask",
+]  # fmt: skip
+
+
+def _positional(fn):
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    names = [p.name for p in inspect.signature(fn).parameters.values() if p.kind in kinds]
+    return names[1:] if names and names[0] == "self" else names
+
+
+def _keyword_only(fn):
+    params = inspect.signature(fn).parameters.values()
+    return {p.name for p in params if p.kind == inspect.Parameter.KEYWORD_ONLY}
+
+
+@pytest.mark.parametrize(
+    ("fn", "positional", "keyword"),
+    [
+        (fusedcomm.moe_a2a_combine, COMBINE_FREE,
+         {"use_low_precision", "enable_pdl", "active_rank_mask"}),
+        (MoeAlltoAll.combine, COMBINE_METHOD, {"use_low_precision", "active_rank_mask"}),
+        (MoeAlltoAll.__init__, INIT, set()),
+        (MoeAlltoAll.dispatch, DISPATCH_METHOD, set()),
+        (fusedcomm.moe_a2a_dispatch, None, {"eplb_local_stats", "active_rank_mask"}),
+    ],
+)  # fmt: skip
+def test_positional_order_of_the_reference(fn, positional, keyword):
+    if positional is not None:
+        assert _positional(fn) == positional
+    assert keyword <= _keyword_only(fn)
+
+
+def test_an_eleventh_positional_combine_argument_is_the_output_dtype():
+    bound = inspect.signature(fusedcomm.moe_a2a_combine).bind(*range(11))
+    assert list(bound.arguments)[-1] == "output_dtype"
+    with pytest.raises(TypeError):
+        inspect.signature(fusedcomm.moe_a2a_combine).bind(*range(16))
+
+
+def test_engine_call_forms_run(fake):
+    a = _instance()
+    experts, hidden = _inputs(4, 2)
+    a.dispatch(experts, [hidden], M, None, None, None, None)
+    out = torch.full((4, HIDDEN), float("nan"), dtype=torch.bfloat16)
+    got = a.combine(_payload(), M, output=out, use_low_precision=False)
+    assert got is out and not got.isnan().any()
+    # The reference's single-GPU tests: output_dtype / output_scales / output_scalar_scale /
+    # sf_layout by keyword, the layout as an int.
+    a.dispatch(experts, [hidden], M, active_rank_mask=torch.tensor([(1 << W) - 1]))
+    got = a.combine(_payload(), M, False, output_dtype=torch.float32, output_scales=None,
+                    output_scalar_scale=1.0, sf_layout=2)  # fmt: skip
+    assert got.dtype == torch.float32 and got.shape == (4, HIDDEN)
+    # Converted from the payload-dtype result the kernel wrote (the fake writes k / 3).
+    want = (torch.arange(4 * HIDDEN, dtype=torch.float32) / 3).bfloat16().float().view(4, HIDDEN)
+    assert torch.equal(got, want)
+    assert fake.calls == ["dispatch", "combine"] * 2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"use_low_precision": True}, NotImplementedError, "use_low_precision"),
+        ({"output_dtype": torch.float8_e4m3fn}, NotImplementedError, "output_dtype"),
+        ({"output_dtype": torch.uint8}, NotImplementedError, "output_dtype"),
+        ({"output_scales": torch.zeros(4, 4)}, NotImplementedError, "output_scales"),
+        ({"output_scalar_scale": 0.5}, NotImplementedError, "output_scalar_scale"),
+        ({"sf_layout": 7}, ValueError, "sf_layout"),
+        ({"output_dtype": "bf16"}, TypeError, "output_dtype"),
+        ({"active_rank_mask": 1}, NotImplementedError, "active_rank_mask"),
+    ],
+)
+def test_combine_arguments_not_implemented_are_refused(fake, kwargs, error, match):
+    a = _instance()
+    experts, hidden = _inputs(4, 2)
+    a.dispatch(experts, [hidden], M)
+    with pytest.raises(error, match=match):
+        a.combine(_payload(), M, **kwargs)
+    assert fake.calls == ["dispatch"]
+    assert a.phase == "dispatched"  # refused before anything ran: the round goes on
+    a.combine(_payload(), M)
+
+
+def test_dispatch_refuses_a_mask_that_excludes_ranks(fake):
+    a = _instance()
+    experts, hidden = _inputs(4, 2)
+    with pytest.raises(NotImplementedError, match="active_rank_mask"):
+        a.dispatch(experts, [hidden], M, active_rank_mask=torch.tensor([1]))
+    assert fake.calls == [] and a.phase == "idle"
+
+
+@pytest.mark.parametrize(
+    ("stats", "error", "match"),
+    [
+        (torch.zeros(EXPERTS, dtype=torch.int64), TypeError, "int32"),
+        (torch.zeros(2, 4, dtype=torch.int32), ValueError, "1-D"),
+        (torch.zeros(EXPERTS + 1, dtype=torch.int32), ValueError, r"eplb_stats_num_experts \(8\)"),
+        (torch.zeros(0, dtype=torch.int32), ValueError, "1 to"),
+        (torch.zeros(16, dtype=torch.int32)[::2], ValueError, "contiguous"),
+        ([1, 2], TypeError, "torch.Tensor"),
+    ],
+)  # fmt: skip
+def test_eplb_local_stats_are_checked_before_the_launch(fake, stats, error, match):
+    ws, metainfo = _register(eplb=EXPERTS)
+    experts, hidden = _inputs(4, 2)
+    with pytest.raises(error, match=match):
+        fusedcomm.moe_a2a_dispatch(
+            experts, [hidden], ws, metainfo, M, 0, W, 2, EXPERTS, eplb_local_stats=stats
+        )
+    assert fake.calls == []
+
+
+def test_eplb_local_stats_reach_the_launch(fake):
+    ws, metainfo = _register(eplb=EXPERTS)
+    experts, hidden = _inputs(4, 2)
+    stats = torch.arange(5, dtype=torch.int32)
+    out = fusedcomm.moe_a2a_dispatch(
+        experts, [hidden], ws, metainfo, M, 0, W, 2, EXPERTS, eplb_local_stats=stats
+    )
+    assert len(out) == 2  # the documented 2-tuple
+    assert fake.args[-3:-1] == (stats.data_ptr(), 5)
+    gathered = a2a_ops.moe_a2a_eplb_gathered_stats(ws, 0)
+    assert gathered.shape == (W, EXPERTS) and gathered.dtype == torch.int32
+    layout = MoeA2ALayout(W, M, EXPERTS)
+    assert gathered.data_ptr() == ws.data_ptr() + layout.eplb_gathered_stats
+    ws_plain, meta_plain = _register(rank=1)
+    with pytest.raises(ValueError, match="eplb_stats_num_experts > 0"):
+        fusedcomm.moe_a2a_dispatch(
+            experts, [hidden], ws_plain, meta_plain, M, 1, W, 2, EXPERTS, eplb_local_stats=stats
+        )
+
+
+def test_checkpointing_and_rank_masks_raise_not_implemented(fake):
+    a = _instance()
+    with pytest.raises(NotImplementedError, match="checkpoint"):
+        a.checkpoint_prepare()
+    with pytest.raises(NotImplementedError, match="checkpoint"):
+        a.checkpoint_restore(_FakeBackend())
+    with pytest.raises(NotImplementedError, match="enable_rank_mask"):
+        MoeAlltoAll(Mapping(W, 0, tp_size=W, moe_ep_size=W), M, 2, EXPERTS, None, HIDDEN, None,
+                    0, True)  # fmt: skip
+    with pytest.raises(ValueError, match="without an EPLB region"):
+        a.eplb_gathered_stats  # noqa: B018
