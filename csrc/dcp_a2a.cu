@@ -4,6 +4,7 @@
 // are also RuntimeErrors); this entry checks again every number that decides where the kernel
 // reads or writes, then fills the args and launches on the caller's current stream.
 //   dcp_a2a_describe() -> op, phases, limits
+//   dcp_a2a_prepare(device): load the kernel (before any rank's first launch)
 //   dcp_a2a_alltoall_launch(partial_o, softmax_stats, partial_o_out, softmax_stats_out, ws, pdl)
 // `ws` = [device, base, row stride, row bytes, cp_size, cp_rank, claim, record, timeout ns]:
 // the workspace and its failure state.
@@ -85,6 +86,16 @@ ffi::Map<ffi::String, ffi::Any> dcp_a2a_describe() {
                           {"threads", kDcpThreads}});
 }
 
+// Load the kernel on `device` now (lazy module loading would otherwise load it at the first
+// launch, which may wait for running kernels: those of other ranks sharing the GPU, which wait
+// for this one).
+void dcp_a2a_prepare(int64_t device) {
+  constexpr const char* op = "decode_cp_a2a_init_workspace";
+  DeviceScope scope(static_cast<int>(device), op);
+  cudaFuncAttributes attributes{};
+  FC_CUDA_CHECK(cudaFuncGetAttributes(&attributes, dcp_a2a_alltoall<kDcpThreads>), op);
+}
+
 void dcp_a2a_alltoall_launch(ffi::TensorView partial_o, ffi::TensorView stats,
                              ffi::TensorView out_o, ffi::TensorView out_s, ffi::Array<int64_t> ws,
                              bool pdl) {
@@ -109,7 +120,7 @@ void dcp_a2a_alltoall_launch(ffi::TensorView partial_o, ffi::TensorView stats,
   FC_CHECK_VALUE(o_bytes >= 16 && o_bytes % 16 == 0 && s_bytes >= 8 && s_bytes % 8 == 0, op)
       << "Dv * 2 (" << o_bytes << ") must be a positive multiple of 16 and S (" << sw
       << ") even and >= 2";
-  const DcpA2APlan plan = DcpA2APlan::make(n, o_bytes, s_bytes);
+  const DcpA2APlan plan = DcpA2APlan::make(n, o_bytes, s_bytes, w.site.world);
   FC_CHECK_VALUE(n == 0 || plan.per_unit >= 1, op)
       << "one entry (" << o_bytes + s_bytes << " bytes) must fit a chunk ("
       << DcpA2ALayout::kChunkBytes << " bytes)";
@@ -158,4 +169,5 @@ void dcp_a2a_alltoall_launch(ffi::TensorView partial_o, ffi::TensorView stats,
 }  // namespace fusedcomm
 
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(dcp_a2a_describe, fusedcomm::dcp_a2a_describe);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(dcp_a2a_prepare, fusedcomm::dcp_a2a_prepare);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(dcp_a2a_alltoall_launch, fusedcomm::dcp_a2a_alltoall_launch);

@@ -78,20 +78,22 @@ def test_workspace_size_rejects_non_ints(bad):
 
 
 @pytest.mark.parametrize(
-    ("n", "o_bytes", "s_bytes", "per_unit", "units", "channels"),
+    ("n", "o_bytes", "s_bytes", "cp", "per_unit", "units", "channels"),
     [
-        (1, 256, 8, 1, 1, 1),
-        (16, 256, 8, 1, 16, 16),
-        (128, 256, 8, 4, 32, 32),
-        (128, 1024, 8, 4, 32, 32),
-        (4096, 1024, 8, 15, 274, 32),  # 16384 // 1032 = 15 entries a chunk
-        (33, 256, 8, 2, 17, 17),
-        (0, 256, 8, 0, 0, 0),
-        (5, 16384, 8, 0, 0, 0),  # one entry does not fit a chunk
+        (1, 256, 8, 2, 1, 1, 1),
+        (16, 256, 8, 2, 1, 16, 16),
+        (128, 256, 8, 2, 4, 32, 32),
+        (128, 1024, 8, 4, 4, 32, 32),
+        (128, 1024, 8, 8, 8, 16, 16),  # 128 // 8 = 16 channels at most
+        (4096, 1024, 8, 2, 15, 274, 32),  # 16384 // 1032 = 15 entries a chunk
+        (4096, 1024, 8, 64, 15, 274, 4),  # at least 4 channels
+        (33, 256, 8, 1, 2, 17, 17),
+        (0, 256, 8, 2, 0, 0, 0),
+        (5, 16384, 8, 2, 0, 0, 0),  # one entry does not fit a chunk
     ],
 )
-def test_plan_by_hand(n, o_bytes, s_bytes, per_unit, units, channels):
-    plan = DcpA2APlan.make(n, o_bytes, s_bytes)
+def test_plan_by_hand(n, o_bytes, s_bytes, cp, per_unit, units, channels):
+    plan = DcpA2APlan.make(n, o_bytes, s_bytes, cp)
     assert (plan.per_unit, plan.units, plan.channels) == (per_unit, units, channels)
     if units:
         rounds = [plan.rounds(c) for c in range(plan.channels)]
@@ -118,11 +120,13 @@ int main() {
            (long long)l.size_per_rank(), (long long)l.slot(3, 1, w - 1),
            (long long)l.buffer(31, 1, w - 1));
   }
-  const long long cases[][3] = {{0, 256, 8}, {1, 256, 8}, {7, 1024, 8}, {128, 256, 8},
-                                {129, 1024, 16}, {5000, 1024, 8}, {5, 16384, 8}, {1000, 16000, 8}};
+  const long long cases[][4] = {{0, 256, 8, 2},     {1, 256, 8, 2},      {7, 1024, 8, 3},
+                                {128, 256, 8, 8},   {129, 1024, 16, 5},  {5000, 1024, 8, 2},
+                                {5, 16384, 8, 2},   {1000, 16000, 8, 1}, {900, 256, 8, 33},
+                                {300, 256, 8, 64}};
   for (const auto& c : cases) {
-    DcpA2APlan p = DcpA2APlan::make(c[0], c[1], c[2]);
-    printf("P %lld %lld %lld %lld %lld %d", c[0], c[1], c[2], (long long)p.per_unit,
+    DcpA2APlan p = DcpA2APlan::make(c[0], c[1], c[2], static_cast<int>(c[3]));
+    printf("P %lld %lld %lld %lld %lld %lld %d", c[0], c[1], c[2], c[3], (long long)p.per_unit,
            (long long)p.units, p.channels);
     for (int ch = 0; ch < 3; ++ch) printf(" %lld", (long long)p.rounds(ch));
     printf("\n");
@@ -152,11 +156,11 @@ def test_layout_and_plan_match_the_header(tmp_path):
             assert offsets == expect, w
             assert layout.size_per_rank == fusedcomm.decode_cp_a2a_workspace_size(w)
         else:
-            n, o, s, *got = v
-            plan = DcpA2APlan.make(n, o, s)
+            n, o, s, cp, *got = v
+            plan = DcpA2APlan.make(n, o, s, cp)
             assert got == [plan.per_unit, plan.units, plan.channels] + [
                 plan.rounds(c) for c in range(3)
-            ], (n, o, s)
+            ], (n, o, s, cp)
 
 
 # --- argument errors --------------------------------------------------------------------------

@@ -127,14 +127,16 @@ __device__ __forceinline__ void dcp_copy_unit(uint8_t* dst_o, int64_t dst_o_stri
                                               int64_t src_o_stride, const uint8_t* src_s,
                                               int64_t src_s_stride, int64_t m,
                                               const DcpA2AArgs& a) {
-  copy_rows<16, kFromPeer>(dst_o, dst_o_stride, src_o, src_o_stride, m, a.o_bytes, threadIdx.x,
-                           blockDim.x);
-  copy_rows<8, kFromPeer>(dst_s, dst_s_stride, src_s, src_s_stride, m, a.s_bytes, threadIdx.x,
-                          blockDim.x);
+  // A unit fits a chunk, so its rows hold fewer than 2^31 pieces.
+  const int rows = static_cast<int>(m);
+  copy_rows<16, kFromPeer>(dst_o, dst_o_stride, src_o, src_o_stride, rows,
+                           static_cast<int>(a.o_bytes), threadIdx.x, blockDim.x);
+  copy_rows<8, kFromPeer>(dst_s, dst_s_stride, src_s, src_s_stride, rows,
+                          static_cast<int>(a.s_bytes), threadIdx.x, blockDim.x);
 }
 
 template <int kThreads>
-__global__ void __launch_bounds__(kThreads) dcp_a2a_alltoall(DcpA2AArgs a) {
+__global__ void __launch_bounds__(kThreads, 4) dcp_a2a_alltoall(DcpA2AArgs a) {
   pdl_wait();
   const DcpA2ASite& site = a.site;
   if (site.failed()) return;  // a failed workspace does nothing, not even its copies

@@ -10,7 +10,7 @@
 //
 // DcpA2APlan splits a call's N entries (the flattened leading index) into units of `per_unit`
 // consecutive entries; unit u goes to channel u % channels, in round u / channels of that
-// channel. The plan depends only on N and the row sizes, which every rank must share.
+// channel. The plan depends only on N, the row sizes and cp_size, which every rank shares.
 //
 // python/fusedcomm/runtime/dcp_a2a_workspace.py mirrors both structs; its test compiles this
 // header and compares every number.
@@ -65,15 +65,24 @@ struct DcpA2APlan {
   int64_t units;
   int32_t channels;  // thread blocks of the call
 
-  // Units as small as spreads N over every channel, as large as a chunk holds.
-  __host__ __device__ static constexpr DcpA2APlan make(int64_t n, int64_t o_bytes,
-                                                       int64_t s_bytes) {
+  // Thread blocks a call of a CP group of `cp` ranks uses at most: kChannels, fewer for large
+  // groups, so that the kernels of every rank fit one GPU at once when ranks share it (4 blocks
+  // of 256 threads per SM hold 128 of them on any GPU of 32 SMs or more).
+  __host__ __device__ static constexpr int max_channels(int cp) {
+    const int share = cp > 0 ? 128 / cp : DcpA2ALayout::kChannels;
+    return share < 4 ? 4 : (share > DcpA2ALayout::kChannels ? DcpA2ALayout::kChannels : share);
+  }
+
+  // Units as small as spreads N over the channels, as large as a chunk holds.
+  __host__ __device__ static constexpr DcpA2APlan make(int64_t n, int64_t o_bytes, int64_t s_bytes,
+                                                       int cp) {
     const int64_t entry = o_bytes + s_bytes;
     const int64_t fit = entry > 0 ? DcpA2ALayout::kChunkBytes / entry : 0;
-    const int64_t spread = (n + DcpA2ALayout::kChannels - 1) / DcpA2ALayout::kChannels;
+    const int64_t most = max_channels(cp);
+    const int64_t spread = (n + most - 1) / most;
     const int64_t per = n <= 0 || fit < 1 ? 0 : (spread < fit ? (spread < 1 ? 1 : spread) : fit);
     const int64_t units = per > 0 ? (n + per - 1) / per : 0;
-    const int64_t ch = units < DcpA2ALayout::kChannels ? units : DcpA2ALayout::kChannels;
+    const int64_t ch = units < most ? units : most;
     return DcpA2APlan{n, entry, per, units, static_cast<int32_t>(ch)};
   }
 

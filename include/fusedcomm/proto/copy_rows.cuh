@@ -1,7 +1,7 @@
 // copy_rows: a thread block copies `rows` rows of `bytes` bytes between two strided layouts
 // (row i from src + i * src_stride to dst + i * dst_stride), `kWidth` bytes per access (16 or
-// 8; addresses, strides and `bytes` must be multiples of it). Thread `lane` of `team` takes the
-// flat pieces lane, lane + team, ... of the rows.
+// 8; addresses, strides and `bytes` must be multiples of it; rows * bytes / kWidth < 2^31). Thread
+// `lane` of `team` takes the flat pieces lane, lane + team, ... of the rows.
 //
 // kFromPeer: the source was written by another GPU and published through a flag the block
 // acquired: its loads bypass L1 (ld.global.cg), so no line cached by an earlier round of the
@@ -26,13 +26,13 @@ struct CopyPiece<8> {
 
 template <int kWidth, bool kFromPeer>
 __device__ __forceinline__ void copy_rows(uint8_t* dst, int64_t dst_stride, const uint8_t* src,
-                                          int64_t src_stride, int64_t rows, int64_t bytes, int lane,
+                                          int64_t src_stride, int rows, int bytes, int lane,
                                           int team) {
   using P = typename detail::CopyPiece<kWidth>::type;
-  const int64_t per_row = bytes / kWidth;
-  const int64_t n = rows * per_row;
-  for (int64_t i = lane; i < n; i += team) {
-    const int64_t r = i / per_row, j = i - r * per_row;
+  const int per_row = bytes / kWidth;
+  const int n = rows * per_row;  // a chunk's worth at most: 32-bit index arithmetic
+  for (int i = lane; i < n; i += team) {
+    const int r = i / per_row, j = i - r * per_row;
     const P* s = reinterpret_cast<const P*>(src + r * src_stride) + j;
     P v;
     if constexpr (kFromPeer) {

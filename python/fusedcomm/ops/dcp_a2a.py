@@ -140,6 +140,7 @@ def decode_cp_a2a_init_workspace(
     if not math.isfinite(timeout) or timeout <= 0:
         raise DcpA2AValueError(f"{op}: timeout_s ({timeout_s}) must be a positive number")
     device = workspace.device.index
+    _module().dcp_a2a_prepare(device)  # loaded before any rank's first launch
     with torch.cuda.device(device):
         workspace[cp_rank].zero_()
         torch.cuda.current_stream().synchronize()

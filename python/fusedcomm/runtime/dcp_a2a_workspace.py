@@ -124,7 +124,7 @@ class DcpA2ALayout:
 class DcpA2APlan:
     """How a call's ``entries`` (the flattened leading index) spread over the channels: units
     of ``per_unit`` consecutive entries, unit ``u`` on channel ``u % channels`` (one thread
-    block each). ``per_unit`` is 0 when there is nothing to do or one entry does not fit a
+    block each; at most :meth:`max_channels` of the CP size). ``per_unit`` is 0 when there is nothing to do or one entry does not fit a
     chunk."""
 
     entries: int
@@ -133,14 +133,21 @@ class DcpA2APlan:
     units: int
     channels: int
 
+    @staticmethod
+    def max_channels(cp_size: int) -> int:
+        """Thread blocks a call uses at most: fewer for large groups, so the kernels of every
+        rank fit one GPU at once when ranks share it."""
+        return max(4, min(DCP_A2A_CHANNELS, 128 // cp_size))
+
     @classmethod
-    def make(cls, n: int, o_bytes: int, s_bytes: int) -> DcpA2APlan:
+    def make(cls, n: int, o_bytes: int, s_bytes: int, cp_size: int) -> DcpA2APlan:
         entry = o_bytes + s_bytes
         fit = DCP_A2A_CHUNK_BYTES // entry if entry > 0 else 0
-        spread = -(-n // DCP_A2A_CHANNELS)
+        most = cls.max_channels(cp_size)
+        spread = -(-n // most)
         per = 0 if n <= 0 or fit < 1 else max(1, min(spread, fit))
         units = -(-n // per) if per else 0
-        return cls(n, entry, per, units, min(units, DCP_A2A_CHANNELS))
+        return cls(n, entry, per, units, min(units, most))
 
     def rounds(self, channel: int) -> int:
         """Rounds of ``channel`` in this call."""
