@@ -306,3 +306,21 @@ def test_missing_peer_raises_instead_of_hanging(world_size):
     assert_no_failures([messages for messages, _ in results])
     names = [name for _, name in results]
     assert "PeerTimeoutError" in names[:-1], names
+
+
+@pytest.mark.gpu(1)
+def test_torch_compile_traces_the_op():
+    """The frontend inside a compiled function (cp 1: no peer to run beside it) gives the
+    eager result, through the registered op."""
+    ws = _workspace(1)
+    po, ss = _inputs(40, 1, (6,), 128, 2, torch.bfloat16)
+
+    def exchange(o, s):
+        x, y = comm.decode_cp_a2a_alltoall(o, s, ws, 0, 1, enable_pdl=True)
+        return x.view(torch.int16).clone(), y.view(torch.int32).clone()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(exchange, fullgraph=True, backend="aot_eager")
+    x, y = compiled(po[0], ss[0])
+    torch.cuda.synchronize()
+    assert torch.equal(x, po[0].view(torch.int16)) and torch.equal(y, ss[0].view(torch.int32))

@@ -87,6 +87,10 @@ _lock = threading.Lock()
 _workspaces: dict[tuple[int, int], _Workspace] = {}
 
 
+# While torch.compile traces, tensors have no addresses: the checks that read them are left to
+# the run (the C++ entry checks alignment and overlap again, and the op finds the state).
+
+
 def _rows(op: str, workspace: Any, cp_size: int) -> torch.Tensor:
     workspace = _tensor(op, "workspace", workspace)
     if workspace.dtype != torch.int64:
@@ -198,7 +202,9 @@ def _state(op: str, workspace: Any, cp_rank: Any, cp_size: int) -> _Workspace:
     return st
 
 
-def _check_inputs(op: str, partial_o: Any, softmax_stats: Any, cp_size: int) -> int:
+def _check_inputs(
+    op: str, partial_o: Any, softmax_stats: Any, cp_size: int, addresses: bool = True
+) -> int:
     """Validate the inputs; return N, the product of the leading sizes."""
     o = _tensor(op, "partial_o", partial_o)
     s = _tensor(op, "softmax_stats", softmax_stats)
@@ -236,12 +242,12 @@ def _check_inputs(op: str, partial_o: Any, softmax_stats: Any, cp_size: int) -> 
         )
     if not (o.is_contiguous() and s.is_contiguous()):
         raise DcpA2AValueError(f"{op}: partial_o and softmax_stats must be contiguous")
-    if o.data_ptr() % 16 or s.data_ptr() % 16:
+    if addresses and (o.data_ptr() % 16 or s.data_ptr() % 16):
         raise DcpA2AValueError(f"{op}: partial_o and softmax_stats must be 16-byte aligned")
     return math.prod(o.shape[:-2])
 
 
-def _outputs(op: str, out: Any, o: torch.Tensor, s: torch.Tensor):
+def _outputs(op: str, out: Any, o: torch.Tensor, s: torch.Tensor, addresses: bool = True):
     if out is None:
         return torch.empty_like(o), torch.empty_like(s)
     if isinstance(out, torch.Tensor) or not isinstance(out, (tuple, list)) or len(out) != 2:
@@ -254,8 +260,10 @@ def _outputs(op: str, out: Any, o: torch.Tensor, s: torch.Tensor):
                 f"{op}: {name} ({tuple(t.shape)}, {t.dtype}, {t.device}) must match its input "
                 f"({tuple(like.shape)}, {like.dtype}, {like.device})"
             )
-        if not t.is_contiguous() or t.data_ptr() % 16:
+        if not t.is_contiguous() or addresses and t.data_ptr() % 16:
             raise DcpA2AValueError(f"{op}: {name} must be contiguous and 16-byte aligned")
+    if not addresses:
+        return po, so
     spans = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in (o, s, po, so)]
     if o.numel():
         for a0, a1 in spans[:2]:
@@ -322,26 +330,29 @@ def decode_cp_a2a_alltoall(
     op = "decode_cp_a2a_alltoall"
     cp_size = _cp_size(op, cp_size)
     cp_rank = _int(op, "cp_rank", cp_rank, 0, cp_size - 1)
-    n = _check_inputs(op, partial_o, softmax_stats, cp_size)
-    po, so = _outputs(op, out, partial_o, softmax_stats)
+    live = not tracing()
+    n = _check_inputs(op, partial_o, softmax_stats, cp_size, live)
+    po, so = _outputs(op, out, partial_o, softmax_stats, live)
     if not (partial_o.is_cuda and softmax_stats.device == partial_o.device):
         raise DcpA2AValueError(
             f"{op}: partial_o ({partial_o.device}) and softmax_stats ({softmax_stats.device}) "
             "must be on one GPU"
         )
-    _rows(op, workspace, cp_size)
+    if live:  # (while tracing, the C++ entry checks the rows at the run)
+        _rows(op, workspace, cp_size)
     if workspace.device != partial_o.device:
         raise DcpA2AValueError(
             f"{op}: the workspace ({workspace.device}) and partial_o ({partial_o.device}) must "
             "be on one GPU"
         )
     if n == 0:
-        _state(op, workspace, cp_rank, cp_size)
+        if live:
+            _state(op, workspace, cp_rank, cp_size)
         return po, so
     pdl = _pdl_default(partial_o.device.index) if enable_pdl is None else bool(enable_pdl)
     args = (partial_o, softmax_stats, workspace, cp_rank, cp_size, pdl, po, so)
-    if tracing():
-        _alltoall_op(*args)
-    else:
+    if live:
         _alltoall_impl(*args)
+    else:
+        _alltoall_op(*args)
     return po, so
