@@ -6,7 +6,7 @@ import pytest
 
 import fusedcomm
 
-PATHS = ("trtllm_ar", "trtllm_moe_alltoall", "mnnvl")
+PATHS = ("trtllm_ar", "trtllm_moe_alltoall", "mnnvl", "dcp_alltoall")
 
 
 @pytest.mark.parametrize("path", PATHS)

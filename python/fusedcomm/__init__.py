@@ -21,6 +21,7 @@ from .jit import BuildError, MissingModuleError
 from .mapping import Mapping
 from .ops.allreduce_fusion import allreduce_fusion, trtllm_allreduce_fusion
 from .ops.allreduce_legacy import trtllm_custom_all_reduce
+from .ops.dcp_a2a import decode_cp_a2a_alltoall, decode_cp_a2a_init_workspace
 from .ops.lamport import trtllm_lamport_initialize, trtllm_lamport_initialize_all
 from .ops.moe_a2a import (
     moe_a2a_combine,
@@ -54,6 +55,10 @@ from .runtime.cuda_ipc import (
     CudaUnavailableError,
     create_shared_buffer,
     free_shared_buffer,
+)
+from .runtime.dcp_a2a_workspace import (
+    decode_cp_a2a_allocate_mnnvl_workspace,
+    decode_cp_a2a_workspace_size,
 )
 from .runtime.failures import (
     CommFailureError,
@@ -117,6 +122,10 @@ __all__ = [
     "TorchDistBackend",
     "check_errors",
     "create_shared_buffer",
+    "decode_cp_a2a_allocate_mnnvl_workspace",
+    "decode_cp_a2a_alltoall",
+    "decode_cp_a2a_init_workspace",
+    "decode_cp_a2a_workspace_size",
     "free_shared_buffer",
     "MoeA2AArgumentError",
     "MoeA2AStateError",

@@ -128,7 +128,7 @@ def doctor() -> int:
 
 
 # Sections of ``fusedcomm bench``, in the order they run and print; each fails on its own.
-SECTIONS = ("foundation", "allreduce", "fusion", "crossover", "quant", "moe", "moe_a2a")
+SECTIONS = ("foundation", "allreduce", "fusion", "crossover", "quant", "moe", "moe_a2a", "dcp_a2a")
 _RESULT_KEY = {"crossover": "fusion_crossover"}  # the JSON key of a section, where it differs
 
 
@@ -178,6 +178,10 @@ def _run_section(name: str, world: int, quick: bool) -> dict:
         from .bench import moe_a2a
 
         return {"moe_a2a": moe_a2a.run(world, moe_a2a.QUICK_TOKENS if quick else moe_a2a.TOKENS)}
+    if name == "dcp_a2a":
+        from .bench import dcp_a2a
+
+        return {"dcp_a2a": dcp_a2a.run(world, dcp_a2a.QUICK_BATCHES if quick else dcp_a2a.BATCHES)}
     from .bench import moe, quant
 
     module = {"quant": quant, "moe": moe}[name]
@@ -267,6 +271,13 @@ def _report(name: str, result: dict, world: int) -> str | None:
             f"\nMoE fusions, bf16, hidden {module.HIDDEN}, {world} ranks, CUDA graphs, microseconds "
             f"per call (finalize: top-{module.TOP_K}; reduction: {module.EXPERTS} experts per device; "
             "unfused = torch gather/scale/sum + NCCL + add + torch rms_norm):\n"
+        )
+    elif name == "dcp_a2a":
+        print(
+            f"\nDCP all-to-all, cp = {world} ranks, bf16 partial_o [batch, cp, Dv] + fp32 stats "
+            f"[batch, cp, {module.STATS}], microseconds per call (median of 5 timed loops, CUDA "
+            "events; the slowest rank); NCCL = all_to_all_single of the same bytes, already laid "
+            "out by destination; WRONG = the result did not match the reference:\n"
         )
     else:
         print(

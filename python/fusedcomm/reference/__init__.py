@@ -10,9 +10,12 @@ operation, so a kernel that promises the same order can be compared with ``torch
 - :mod:`.moe`: the MoE prologues (reduction, finalize) and the MoE fusions built on them.
 - :mod:`.moe_a2a`: the MoE all-to-all (expert owners, dispatch, combine, sanitize), all ranks
   at once.
+- :mod:`.dcp_a2a`: the decode context-parallel all-to-all (a transpose across ranks), all ranks
+  at once.
 """
 
 from .allreduce import all_reduce
+from .dcp_a2a import dcp_alltoall_reference
 from .fusion import (
     allreduce_fusion_reference,
     fp8_e4m3,
@@ -63,6 +66,7 @@ __all__ = [
     "combine_sum",
     "combine_sum_steps",
     "compute_fp4_swizzled_layout_sf_size",
+    "dcp_alltoall_reference",
     "dequantize_fp8_per_token_group",
     "dequantize_nvfp4",
     "dispatch_reference",
