@@ -15,7 +15,7 @@ from fusedcomm.runtime.cuda_ipc import (
     free_shared_buffer,
 )
 from fusedcomm.testing.checks import Failures, assert_no_failures
-from fusedcomm.testing.dist import barrier, run_ranks
+from fusedcomm.testing.dist import barrier, rank_device, run_ranks
 
 # ----------------------------------------------------------------------------- CPU
 
@@ -126,8 +126,8 @@ def _rank_shared_buffer(rank, world_size, seed, use_backend):
     from fusedcomm.dlpack_utils import pack_strided_memory
     from fusedcomm.runtime.comm_backend import TorchDistBackend
 
-    dev = torch.cuda.current_device()
-    assert dev == rank
+    dev = rank_device().index
+    assert torch.cuda.current_device() == dev
     numel = 4096 + 17
     size = numel * 4
     kwargs = {"comm_backend": TorchDistBackend()} if use_backend else {}

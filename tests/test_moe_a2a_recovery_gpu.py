@@ -217,7 +217,7 @@ def _rank_slow_peer(rank, world):
 
 @pytest.mark.gpu(2)
 def test_reset_waits_for_a_peer_slow_to_give_up(world_size):
-    assert_no_failures(run_ranks(_rank_slow_peer, world_size, backend="nccl", timeout_s=300))
+    assert_no_failures(run_ranks(_rank_slow_peer, world_size, backend="nccl", timeout_s=120))
 
 
 # --- instances sharing a workspace --------------------------------------------------------------
