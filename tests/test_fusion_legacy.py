@@ -1,7 +1,6 @@
 """The deprecated trtllm_allreduce_fusion entry point's argument rules (trtllm_custom_all_reduce:
 tests/test_trtllm_custom_ar.py). CPU only."""
 
-
 import pytest
 import torch
 

@@ -82,7 +82,7 @@ class LegacyWorkspace:
 
     def close(self) -> None:
         """Forget the workspace in this process and free the control block (once)."""
-        for k in (0, 1):
+        for k in range(2 if self.handles else 0):  # no handles: creation failed before them
             if _BY_COMM.get(self.handles[k][self.rank]) is self:
                 del _BY_COMM[self.handles[k][self.rank]]
         if self.control is not None:
