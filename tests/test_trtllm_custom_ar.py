@@ -260,6 +260,34 @@ def test_prepost_norm_runs_the_sum_then_both_norms(dev, legacy, monkeypatch):
     assert torch.equal(a["out"], out) and torch.equal(kw["intermediate_buffer"], inter)
 
 
+def test_registered_op_runs_the_same_call(dev, legacy):
+    op = torch.ops.fusedcomm.trtllm_custom_all_reduce.default
+    schema = str(op._schema)
+    assert "Tensor(a!) out" in schema and "Tensor(b!)? intermediate_buffer" in schema
+    _, ptrs = legacy
+    a = _args(ptrs, **_fused(eps=1e-6))
+    op(*a.values())
+    call = dev.launches[-1]
+    assert call.pattern == 1 and call.rms_eps == 1e-6 and call.use_oneshot is True
+    assert call.norm_out.data_ptr() == a["out"].data_ptr()
+
+
+def test_traces_under_torch_compile(dev, legacy):
+    _, ptrs = legacy
+    a = _args(ptrs, **_fused())
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def layer(x, out, residual, inter):
+        h = x * 1
+        comm.trtllm_custom_all_reduce(
+            **{**a, "inp": h, "out": out, "residual": residual, "intermediate_buffer": inter}
+        )
+        return out
+
+    layer(a["inp"], a["out"], a["residual"], a["intermediate_buffer"])
+    assert dev.launches and dev.launches[-1].pattern == 1
+
+
 @pytest.mark.parametrize(
     "mutate,match",
     [

@@ -38,6 +38,7 @@ from ..enums import AllReduceFusionPattern as _P
 from ..reference.legacy import fold_bias, legacy_epilogue
 from ..runtime.legacy_workspace import find_legacy_workspace
 from . import _fusion_launch
+from ._register import register_op, tracing
 from .allreduce_fusion import _ELEM, _deprecated_once, _flag, _int
 
 __all__ = ["trtllm_custom_all_reduce"]
@@ -230,10 +231,66 @@ def trtllm_custom_all_reduce(
     replay inside CUDA graphs. Every rank must make the same sequence of calls on a workspace
     with the same shapes. The kernel paths give every rank the same bits; a wait for a peer
     that does not come raises (``PeerTimeoutError``, at the next call or ``check_errors()``)
-    and the workspace is then refused on every rank.
+    and the workspace is then refused on every rank. Registered as
+    ``torch.ops.fusedcomm.trtllm_custom_all_reduce`` (``out`` and ``intermediate_buffer``
+    marked as written), which torch.compile calls while it traces.
     """
+    args = (
+        inp,
+        out,
+        tp_size,
+        tp_rank,
+        token_num,
+        fusion_op_code,
+        strategy_code,
+        config_code,
+        launch_with_pdl,
+        flag_value,
+        peer_comm_buffer_ptrs,
+        peer_barrier_ptrs_in,
+        peer_barrier_ptrs_out,
+        bias,
+        residual,
+        weight,
+        weight_pre_residual_norm,
+        eps,
+        intermediate_buffer,
+        lamport_peer_comm_buffer_ptrs_0,
+        lamport_peer_comm_buffer_ptrs_1,
+        lamport_peer_comm_buffer_ptrs_2,
+    )
+    if tracing():  # torch.compile: the registered op (schema below), run at graph time
+        _custom_op(*args)
+        return
+    _deprecated_once("trtllm_custom_all_reduce", "allreduce_fusion")
+    _impl(*args)
+
+
+def _impl(
+    inp,
+    out,
+    tp_size,
+    tp_rank,
+    token_num,
+    fusion_op_code,
+    strategy_code,
+    config_code,
+    launch_with_pdl,
+    flag_value,
+    peer_comm_buffer_ptrs,
+    peer_barrier_ptrs_in,
+    peer_barrier_ptrs_out,
+    bias,
+    residual,
+    weight,
+    weight_pre_residual_norm,
+    eps,
+    intermediate_buffer,
+    lamport_peer_comm_buffer_ptrs_0,
+    lamport_peer_comm_buffer_ptrs_1,
+    lamport_peer_comm_buffer_ptrs_2,
+) -> None:
     op = "trtllm_custom_all_reduce"
-    _deprecated_once(op, "allreduce_fusion")
     for name, value in (("inp", inp), ("out", out)):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a Tensor, got {type(value).__name__}")
@@ -398,3 +455,16 @@ def trtllm_custom_all_reduce(
     _fusion_launch.launch(call)
     if fusion_op == _F.RESIDUAL_RMS_PREPOST_NORM:  # the two norms in torch, after the sum
         _torch_epilogue(reduced, fusion_op, out, intermediate, epilogue)
+
+
+_custom_op = register_op(
+    "trtllm_custom_all_reduce(Tensor inp, Tensor(a!) out, int tp_size, int tp_rank, "
+    "int token_num, int fusion_op_code, int strategy_code, int config_code, "
+    "bool launch_with_pdl, int flag_value, Tensor peer_comm_buffer_ptrs, "
+    "Tensor peer_barrier_ptrs_in, Tensor peer_barrier_ptrs_out, Tensor? bias, Tensor? residual, "
+    "Tensor? weight, Tensor? weight_pre_residual_norm, float? eps, "
+    "Tensor(b!)? intermediate_buffer, Tensor lamport_peer_comm_buffer_ptrs_0, "
+    "Tensor lamport_peer_comm_buffer_ptrs_1, Tensor lamport_peer_comm_buffer_ptrs_2) -> ()",
+    lambda *args: _impl(*args),
+    lambda *args: None,
+)
