@@ -26,7 +26,13 @@ __all__ = [
 
 
 class AllReduceStrategyType:
-    """Algorithm of the legacy ``trtllm_custom_all_reduce`` (only ONESHOT and TWOSHOT run)."""
+    """Algorithm of the legacy ``trtllm_custom_all_reduce``.
+
+    ONESHOT and MIN_LATENCY run the Lamport one-shot (16-bit calls that fit a Lamport buffer;
+    others two-shot), TWOSHOT the two-shot, AUTO the planner's choice, NCCL
+    ``torch.distributed.all_reduce`` over the workspace's group; UB and LOWPRECISION raise
+    NotImplementedError (docs/legacy-allreduce.md).
+    """
 
     NCCL = 0
     MIN_LATENCY = 1
@@ -45,7 +51,9 @@ class AllReduceStrategyConfig:
 
 
 class AllReduceFusionOp:
-    """Epilogue of the legacy ``trtllm_custom_all_reduce``."""
+    """Epilogue of the legacy ``trtllm_custom_all_reduce``: NONE, RESIDUAL_RMS_NORM and
+    RESIDUAL_RMS_PREPOST_NORM run; the others raise NotImplementedError (they are patterns of
+    ``allreduce_fusion``)."""
 
     NONE = 0
     RESIDUAL_RMS_NORM = 1

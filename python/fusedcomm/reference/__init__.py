@@ -6,6 +6,7 @@ operation, so a kernel that promises the same order can be compared with ``torch
 
 - :func:`all_reduce`: fp32 sum in ascending rank order, one final rounding.
 - :mod:`.fusion`: residual add, RMSNorm and the FP8 quantisers of the fused patterns.
+- :mod:`.legacy`: the legacy ``trtllm_custom_all_reduce`` (sum and its three epilogues).
 - :mod:`.quant`: NVFP4, E2M1, the scale-factor layouts, UE8M0 and per-token-group FP8.
 - :mod:`.moe`: the MoE prologues (reduction, finalize) and the MoE fusions built on them.
 - :mod:`.moe_a2a`: the MoE all-to-all (expert owners, dispatch, combine, sanitize), all ranks
@@ -24,6 +25,7 @@ from .fusion import (
     quantize_fp8_static,
     residual_rms_norm,
 )
+from .legacy import custom_all_reduce_reference, legacy_epilogue
 from .moe import moe_allreduce_fusion_reference, moe_finalize, moe_reduction
 from .moe_a2a import (
     COMBINE_PAIRWISE_TOP_K,
@@ -66,6 +68,7 @@ __all__ = [
     "combine_sum",
     "combine_sum_steps",
     "compute_fp4_swizzled_layout_sf_size",
+    "custom_all_reduce_reference",
     "dcp_alltoall_reference",
     "dequantize_fp8_per_token_group",
     "dequantize_nvfp4",
@@ -75,6 +78,7 @@ __all__ = [
     "expert_owner",
     "fp8_e4m3",
     "fusion_all_reduce",
+    "legacy_epilogue",
     "moe_allreduce_fusion_reference",
     "moe_finalize",
     "moe_reduction",

@@ -32,9 +32,11 @@ from typing import Any
 
 import torch
 
-from ..enums import MAX_ALL_REDUCE_BLOCKS, LamportTokenNumThreshold
 from ..ops import _fusion_launch
-from ..ops.lamport import trtllm_lamport_initialize, trtllm_lamport_initialize_all
+from ..ops.lamport import (  # the legacy workspace fills through this module's names
+    trtllm_lamport_initialize,
+    trtllm_lamport_initialize_all,  # noqa: F401
+)
 from .comm_backend import resolve_backend
 from .cuda_ipc import CudaRTLibrary, create_shared_buffer, free_shared_buffer
 
@@ -396,39 +398,28 @@ def trtllm_create_ipc_workspace_for_all_reduce(
     group: Any = None,
     *,
     comm_backend: Any = None,
+    timeout_s: float | None = None,
 ) -> list[list[int]]:
     """Create the legacy workspace of trtllm_custom_all_reduce (deprecated).
 
-    Seven shared buffers, each a list of ``tp_size`` pointers: two comm buffers of
-    ``tp_size * max_token_num * hidden_dim * 4`` bytes, two barrier-flag buffers (zeroed) and
-    three Lamport buffers of ``tp_size * 16 * tp_size * hidden_dim * 2`` bytes filled with
-    the sentinel. Collective; ends with a barrier.
+    Seven lists of ``tp_size`` pointers: two comm buffers of ``tp_size * max_token_num *
+    hidden_dim * 4`` bytes, two barrier-flag buffers (zeroed; barrier-in large enough for the
+    kernels' flags) and three Lamport buffers of ``tp_size * 16 * tp_size * hidden_dim * 2``
+    bytes filled with the sentinel (consecutive segments of one allocation). ``tp_size`` <= 8.
+    ``timeout_s`` bounds every wait for a peer (default FUSEDCOMM_TIMEOUT_S). Collective over
+    ``comm_backend`` (or ``group``); ends with a barrier. See runtime/legacy_workspace.py.
     """
+    from .legacy_workspace import create_legacy_workspace
+
     op = "trtllm_create_ipc_workspace_for_all_reduce"
     warnings.warn(
         f"{op} is deprecated; use create_allreduce_fusion_workspace",
         DeprecationWarning,
         stacklevel=2,
     )
-    check_group_shape(
-        op, ("tp_size", "rank", "max_token_num"), tp_size, rank, max_token_num, hidden_dim
+    return create_legacy_workspace(
+        op, rank, tp_size, max_token_num, hidden_dim, group, comm_backend, timeout_s
     )
-    backend = _group_backend(op, comm_backend, group, rank, tp_size)
-    comm = _round16(tp_size * max_token_num * hidden_dim * 4)
-    flags = _round16((MAX_ALL_REDUCE_BLOCKS + 1) * 4 * tp_size * 2)
-    lamport = _round16(tp_size * LamportTokenNumThreshold * tp_size * hidden_dim * 2)
-    sizes = [comm, comm, flags, flags, lamport, lamport, lamport]
-
-    def fill(res: _Resources) -> None:
-        own = [buf[rank] for buf in res.shared]
-        _zero(own[2], flags)
-        _zero(own[3], flags)
-        trtllm_lamport_initialize_all(own[4], own[5], own[6], lamport, torch.bfloat16)
-
-    res, _ = _create(op, backend, sizes, fill, lambda res: None)
-    handles = [list(buf) for buf in res.shared]
-    _LIVE[id(handles)] = (handles, res)
-    return handles
 
 
 def _destroy(op: str, workspace: Any) -> None:
