@@ -75,6 +75,11 @@ class MNNVLQuantType:
     DYNAMIC_FP8 = 3  # per-token E4M3 with fp32 scales
 
 
+class MissingSizeError(ValueError, AssertionError):
+    """A workspace asked for without a size: a ValueError, and an AssertionError as the
+    reference raises for it."""
+
+
 def strategy_of(op: str, strategy: Any) -> MNNVLAllreduceFusionStrategy:
     """A strategy argument: an MNNVLAllreduceFusionStrategy, or True/False/None (one-shot /
     two-shot / auto, as the unified API's ``use_oneshot``)."""
@@ -248,7 +253,7 @@ class MNNVLAllReduceFusionWorkspace(AllReduceFusionWorkspace):
     def _sizing(cls, op, tp_size, max_num_tokens, hidden_dim, dtype, buffer_size_in_bytes) -> int:
         if buffer_size_in_bytes is None:
             if max_num_tokens is None or hidden_dim is None or dtype is None:
-                raise ValueError(
+                raise MissingSizeError(
                     f"{op}: max_num_tokens, hidden_dim and dtype are required when "
                     "buffer_size_in_bytes is not given"
                 )
