@@ -12,6 +12,7 @@ from fusedcomm import mnnvl
 from fusedcomm import trtllm_mnnvl_ar as ar
 from fusedcomm.enums import AllReduceFusionPattern as P
 from fusedcomm.ops import lamport
+from fusedcomm.ops import mnnvl_allreduce as mnnvl_ops
 from fusedcomm.reference import compute_fp4_swizzled_layout_sf_size
 from fusedcomm.runtime import mnnvl_workspace as mw
 from fusedcomm.runtime import peer_memory
@@ -387,6 +388,7 @@ def test_unified_create_and_dispatch(mdev):
 
 
 def test_deprecated_pointer_entry_points(mdev):
+    mnnvl_ops._warned.clear()  # each entry point warns once per process
     with pytest.warns(DeprecationWarning):
         ws, flags, max_elems = ar.get_allreduce_mnnvl_workspace(
             mapping(), BF16, FakeBackend(), 3 * 2 * 2 * D * 16
