@@ -3,6 +3,7 @@ attributes (mc_ptr non-zero, the pointer table filled from the rows), every Valu
 launch, and what each op hands the Lamport kernels (the device layer is faked)."""
 
 import inspect
+from pathlib import Path
 
 import pytest
 import torch
@@ -434,3 +435,17 @@ def test_mnnvl_helpers():
     for name in ("initialize", "set_comm_from_config", "get_comm", "supports_mnnvl"):
         assert callable(getattr(mnnvl.MnnvlMemory, name))
     assert callable(mnnvl.MnnvlMemory.as_torch_strided_tensor)
+
+
+def test_no_native_code_uses_multicast():
+    root = Path(__file__).resolve().parents[1]
+    words = ("cuMulticast", "multimem.", "CUmulticastObjectProp", "MulticastCreate")
+    hits = [
+        f"{path.relative_to(root)}: {w}"
+        for folder in ("csrc", "include")
+        for path in (root / folder).rglob("*")
+        if path.is_file() and path.suffix in (".cu", ".cuh", ".h", ".cpp")
+        for w in words
+        if w in path.read_text(errors="replace")
+    ]
+    assert hits == []
