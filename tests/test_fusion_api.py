@@ -194,7 +194,11 @@ def test_legacy_custom_workspace_sizes(dev):
 @pytest.mark.parametrize(
     "kw,error,match",
     [
-        ({"backend": "mnnvl"}, NotImplementedError, "not available yet.*backend='trtllm'"),
+        (
+            {"backend": "mnnvl", "comm_backend": FakeBackend(hosts=["a", "b"])},
+            NotImplementedError,
+            "spans several nodes",
+        ),
         ({"backend": "nccl"}, RuntimeError, "unknown backend 'nccl'"),
         ({"backend": 3}, TypeError, "backend must be a str"),
         ({"max_token_num": None}, ValueError, "max_token_num is required"),

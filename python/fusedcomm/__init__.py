@@ -23,6 +23,14 @@ from .ops.allreduce_fusion import allreduce_fusion, trtllm_allreduce_fusion
 from .ops.allreduce_legacy import trtllm_custom_all_reduce
 from .ops.dcp_a2a import decode_cp_a2a_alltoall, decode_cp_a2a_init_workspace
 from .ops.lamport import trtllm_lamport_initialize, trtllm_lamport_initialize_all
+from .ops.mnnvl_allreduce import (
+    get_allreduce_mnnvl_workspace,
+    trtllm_mnnvl_all_reduce,
+    trtllm_mnnvl_allreduce,
+    trtllm_mnnvl_fused_allreduce_add_rmsnorm,
+    trtllm_mnnvl_fused_allreduce_add_rmsnorm_quant,
+    trtllm_mnnvl_fused_allreduce_rmsnorm,
+)
 from .ops.moe_a2a import (
     moe_a2a_combine,
     moe_a2a_dispatch,
@@ -77,6 +85,11 @@ from .runtime.fusion_workspace import (
     trtllm_destroy_ipc_workspace_for_all_reduce,
     trtllm_destroy_ipc_workspace_for_all_reduce_fusion,
 )
+from .runtime.mnnvl_workspace import (
+    MNNVLAllreduceFusionStrategy,
+    MNNVLAllReduceFusionWorkspace,
+    MNNVLQuantType,
+)
 from .runtime.moe_a2a_workspace import (
     moe_a2a_get_workspace_size_per_rank,
     moe_a2a_wrap_payload_tensor_in_workspace,
@@ -91,6 +104,9 @@ __all__ = [
     "AllReduceStrategyType",
     "BarrierFlagCount",
     "MAX_COMM_SIZE",
+    "MNNVLAllReduceFusionWorkspace",
+    "MNNVLAllreduceFusionStrategy",
+    "MNNVLQuantType",
     "OneShotMaxToken",
     "QuantizationSFLayout",
     "TRTLLMAllReduceFusionWorkspace",
@@ -98,12 +114,18 @@ __all__ = [
     "compute_fp4_swizzled_layout_sf_size",
     "create_allreduce_fusion_workspace",
     "fusion_workspace_bytes",
+    "get_allreduce_mnnvl_workspace",
     "trtllm_allreduce_fusion",
     "trtllm_create_ipc_workspace_for_all_reduce",
     "trtllm_create_ipc_workspace_for_all_reduce_fusion",
     "trtllm_custom_all_reduce",
     "trtllm_destroy_ipc_workspace_for_all_reduce",
     "trtllm_destroy_ipc_workspace_for_all_reduce_fusion",
+    "trtllm_mnnvl_all_reduce",
+    "trtllm_mnnvl_allreduce",
+    "trtllm_mnnvl_fused_allreduce_add_rmsnorm",
+    "trtllm_mnnvl_fused_allreduce_add_rmsnorm_quant",
+    "trtllm_mnnvl_fused_allreduce_rmsnorm",
     "trtllm_moe_allreduce_fusion",
     "trtllm_moe_finalize_allreduce_fusion",
     "BuildError",

@@ -3,7 +3,8 @@
 bf16, hidden 4096, tokens 1..8192 (8 KiB .. 64 MiB), the way engines call it: one workspace
 for the group, ``allreduce_fusion`` with kAllReduce, kARResidualRMSNorm and
 kARResidualRMSNormOutFP8Quant, eager and CUDA graph. The unfused row is NCCL's all-reduce, the
-residual add and torch's rms_norm.
+residual add and torch's rms_norm. The mnnvl columns run kAllReduce and kARResidualRMSNorm on an
+MNNVL workspace (the same kernels over peer-mapped rows, strategy by its 1 MiB rule).
 
 The crossover sweep (``crossover_rank``) times use_oneshot=True against False for kAllReduce
 and kARResidualRMSNorm, bf16 and fp16, hidden 4096, 1..8192 tokens, in CUDA graphs, and
@@ -18,7 +19,7 @@ import torch.distributed as dist
 from ..enums import AllReduceFusionPattern as P
 from ..ops.allreduce_fusion import allreduce_fusion
 from .timing import capture, time_graph, time_loop
-from .workspace import lamport_workspace
+from .workspace import lamport_workspace, mnnvl_workspace
 
 HIDDEN = 4096
 TOKENS = (1, 8, 64, 256, 1024, 4096, 8192)
@@ -33,6 +34,8 @@ COLUMNS = (
     "fp8_graph",
     "unfused_eager",
     "unfused_graph",
+    "mnnvl_ar_graph",
+    "mnnvl_fused_graph",
 )
 
 
@@ -47,6 +50,7 @@ def _timed(fn, iters: int) -> tuple[float, float]:
 def bench_rank(rank: int, world: int, tokens=TOKENS, hidden: int = HIDDEN) -> list[dict]:
     dtype = torch.bfloat16
     ws = lamport_workspace(rank, world, max(tokens), hidden, dtype)
+    mws = mnnvl_workspace(rank, world, max(tokens), hidden, dtype)  # AUTO: the 1 MiB rule
     gen = torch.Generator(device="cuda").manual_seed(7 + rank)
     rows = []
     try:
@@ -102,6 +106,15 @@ def bench_rank(rank: int, world: int, tokens=TOKENS, hidden: int = HIDDEN) -> li
             row["fused_fp32acc_graph"] = _timed(lambda: fused(True), iters)[1]
             row["fp8_graph"] = _timed(fp8, iters)[1]
             row["unfused_eager"], row["unfused_graph"] = _timed(unfused, iters)
+            mnnvl = {"workspace": mws}
+            row["mnnvl_ar_graph"] = _timed(
+                lambda: allreduce_fusion(input=x, **mnnvl, pattern=P.kAllReduce, output=out),
+                iters,
+            )[1]
+            row["mnnvl_fused_graph"] = _timed(
+                lambda: allreduce_fusion(pattern=P.kARResidualRMSNorm, **{**norm_args, **mnnvl}),
+                iters,
+            )[1]
             ref = x.clone()
             dist.all_reduce(ref)
             ar()
@@ -112,6 +125,7 @@ def bench_rank(rank: int, world: int, tokens=TOKENS, hidden: int = HIDDEN) -> li
     finally:
         torch.cuda.synchronize()
         ws.destroy()
+        mws.destroy()
     return rows
 
 

@@ -19,3 +19,16 @@ def lamport_workspace(rank: int, world: int, max_tokens: int, hidden: int, dtype
         dtype=dtype,
         comm_backend=TorchDistBackend(),
     )
+
+
+def mnnvl_workspace(rank: int, world: int, max_tokens: int, hidden: int, dtype: torch.dtype):
+    """An MNNVL workspace (the same kernels over peer-mapped rows) over the default group."""
+    return create_allreduce_fusion_workspace(
+        backend="mnnvl",
+        world_size=world,
+        rank=rank,
+        max_token_num=max_tokens,
+        hidden_dim=hidden,
+        dtype=dtype,
+        comm_backend=TorchDistBackend(),
+    )

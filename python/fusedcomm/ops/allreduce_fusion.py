@@ -553,15 +553,28 @@ def allreduce_fusion(
     tensor.
     ``use_oneshot=None`` lets the planner choose one-shot or two-shot.
 
-    Returns ``norm_out`` if given, else ``quant_out`` if given, else ``output``.
+    Returns ``norm_out`` if given, else ``quant_out`` if given, else ``output``. An
+    MNNVLAllReduceFusionWorkspace runs patterns 0-5, 10 and 11 (``ops.mnnvl_allreduce``:
+    outputs allocated where missing, fp32 sums; quantising patterns return ``quant_out``).
     """
     op = "allreduce_fusion"
+    if getattr(workspace, "backend", None) == "mnnvl":
+        from .mnnvl_allreduce import mnnvl_unified_call  # patterns 0-5, 10, 11
+
+        return mnnvl_unified_call(
+            op, input, workspace, pattern, launch_with_pdl=launch_with_pdl, output=output,
+            residual_out=residual_out, norm_out=norm_out, quant_out=quant_out,
+            scale_out=scale_out, residual_in=residual_in, rms_gamma=rms_gamma, rms_eps=rms_eps,
+            scale_factor=scale_factor, layout_code=layout_code, use_oneshot=use_oneshot,
+            weight_bias=weight_bias,
+        )  # fmt: skip
     if type(workspace) is not TRTLLMAllReduceFusionWorkspace and not isinstance(
         workspace, TRTLLMAllReduceFusionWorkspace
     ):
         raise TypeError(
             f"{op}: workspace must come from create_allreduce_fusion_workspace "
-            f"(a TRTLLMAllReduceFusionWorkspace), got {type(workspace).__name__}"
+            f"(a TRTLLMAllReduceFusionWorkspace or MNNVLAllReduceFusionWorkspace), got "
+            f"{type(workspace).__name__}"
         )
     if workspace.destroyed:
         raise ValueError(f"{op}: the workspace has been destroyed")

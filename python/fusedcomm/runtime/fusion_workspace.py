@@ -660,15 +660,18 @@ def create_allreduce_fusion_workspace(
 ) -> AllReduceFusionWorkspace:
     """Create the workspace that selects allreduce_fusion's backend. Collective.
 
-    ``backend``: ``"trtllm"`` (the Lamport kernels over CUDA IPC, one node), ``"auto"``
+    ``backend``: ``"trtllm"`` (the Lamport kernels over CUDA IPC, one node), ``"mnnvl"``
+    (the same kernels over peer-mapped rows at one stride, one node: an
+    MNNVLAllReduceFusionWorkspace; across nodes it raises NotImplementedError) or ``"auto"``
     (``"trtllm"`` when every rank is on one node: decided from ``gpus_per_node`` when given,
-    else by comparing host names through the communicator; nothing needs NVLink multicast)
-    or ``"mnnvl"`` (multi-node NVLink: not available yet, raises NotImplementedError).
+    else by comparing host names through the communicator; ``"mnnvl"`` otherwise). Nothing
+    needs NVLink multicast.
     ``world_size``/``rank``: the group's (``comm_backend`` or ``group``, default WORLD).
     ``max_token_num * hidden_dim`` elements of ``dtype`` is the largest call; every smaller
-    or reshaped call fits (see ``is_buffer_size_sufficient``). ``force_oneshot_support`` is
-    accepted for compatibility: this backend always supports one-shot up to its capacity
-    (below MAX_COMM_SIZE per Lamport segment). ``timeout_s`` bounds waits for peers.
+    or reshaped call fits (see ``is_buffer_size_sufficient``). ``force_oneshot_support``:
+    ``"mnnvl"`` sizes its buffers for one-shot up to ``max_token_num`` tokens (else one-shot
+    up to the 1 MiB threshold, two-shot beyond); ``"trtllm"`` always supports one-shot up to
+    its capacity (below MAX_COMM_SIZE per Lamport segment). ``timeout_s`` bounds waits for peers.
     """
     op = "create_allreduce_fusion_workspace"
     if not isinstance(backend, str):
@@ -696,18 +699,16 @@ def create_allreduce_fusion_workspace(
     if not isinstance(force_oneshot_support, bool):
         raise TypeError(f"{op}: force_oneshot_support must be a bool")
     _timeout_arg(op, timeout_s)
-    if backend == "mnnvl":
-        raise NotImplementedError(
-            f"{op}: the multi-node NVLink backend ('mnnvl') is not available yet; within one "
-            "node use backend='trtllm' (or 'auto'); across nodes use NCCL "
-            "(torch.distributed.all_reduce)"
-        )
     comm = _group_backend(op, comm_backend, group, rank, world_size)
-    if backend == "auto" and not _single_node(comm, gpus_per_node, world_size):
-        raise NotImplementedError(
-            f"{op}: the group spans several nodes, which needs the multi-node NVLink backend "
-            "('mnnvl'), not available yet; use NCCL (torch.distributed.all_reduce) across nodes"
-        )
+    if backend == "mnnvl" or (
+        backend == "auto" and not _single_node(comm, gpus_per_node, world_size)
+    ):
+        from .mnnvl_workspace import create_mnnvl_workspace
+
+        return create_mnnvl_workspace(
+            comm, world_size, rank, max_token_num, hidden_dim, dtype, gpus_per_node,
+            force_oneshot_support, timeout_s,
+        )  # fmt: skip
     return TRTLLMAllReduceFusionWorkspace(
         world_size, rank, max_token_num, hidden_dim, dtype, comm_backend=comm, timeout_s=timeout_s
     )
