@@ -111,6 +111,17 @@ def test_hung_rank_raises_rank_timeout(world_size):
     assert "rank 1 still running" in str(info.value)
 
 
+def test_timeout_cap_from_the_environment(monkeypatch):
+    monkeypatch.delenv(dist_mod.MAX_TIMEOUT_ENV, raising=False)
+    assert dist_mod._timeout_cap() == float("inf")
+    monkeypatch.setenv(dist_mod.MAX_TIMEOUT_ENV, "75.5")
+    assert dist_mod._timeout_cap() == 75.5
+    for bad in ("0", "-3", "soon"):
+        monkeypatch.setenv(dist_mod.MAX_TIMEOUT_ENV, bad)
+        with pytest.raises(ValueError, match=dist_mod.MAX_TIMEOUT_ENV):
+            run_ranks(_report_rank, 1, args=(0,))
+
+
 def test_rejects_multicast_override():
     with pytest.raises(ValueError, match="NCCL_NVLS_ENABLE"):
         run_ranks(_report_rank, 1, args=(0,), env={"NCCL_NVLS_ENABLE": "1"})

@@ -58,6 +58,8 @@ _FORCED_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
 
 SHARE_GPU_ENV = "FUSEDCOMM_TEST_SHARE_GPU"  # "1": every GPU rank on GPU 0
 _DEVICE_ENV = "FUSEDCOMM_TEST_RANK_DEVICE"  # set in each GPU rank: its CUDA device index
+# Seconds: caps every run_ranks timeout, so one stuck test cannot use up a run's time budget.
+MAX_TIMEOUT_ENV = "FUSEDCOMM_TEST_MAX_RANK_TIMEOUT_S"
 
 _POLL_S = 0.2
 _KILL_JOIN_S = 10.0
@@ -99,6 +101,19 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def _timeout_cap() -> float:
+    raw = os.environ.get(MAX_TIMEOUT_ENV, "")
+    if not raw:
+        return float("inf")
+    try:
+        cap = float(raw)
+    except ValueError:
+        cap = 0.0
+    if not cap > 0:
+        raise ValueError(f"run_ranks: {MAX_TIMEOUT_ENV}={raw!r} must be a number of seconds > 0")
+    return cap
 
 
 def visible_gpus() -> int:
@@ -244,6 +259,7 @@ def run_ranks(
         raise ValueError(f"run_ranks: world_size ({world_size}) must be >= 1")
     if timeout_s <= 0:
         raise ValueError(f"run_ranks: timeout_s ({timeout_s}) must be > 0")
+    timeout_s = min(timeout_s, _timeout_cap())
     child_env = {str(k): str(v) for k, v in (env or {}).items()}
     for name, value in _FORCED_ENV.items():
         if child_env.get(name, value) != value:
