@@ -50,6 +50,10 @@ class _FakeModule:
     def moe_a2a_sanitize_launch(self, *args):
         self.calls.append("sanitize")
 
+    def moe_a2a_quantize_launch(self, rows, out, scales, *args):
+        self.calls.append("quantize")
+        self.quantize = (rows, out, scales, *args)
+
 
 class _FakeBackend:
     def barrier(self):
@@ -107,6 +111,18 @@ def _instance(top_k=2):
 
 def _payload(r=M, dtype=torch.bfloat16):
     return torch.randn(W, r, HIDDEN).to(dtype)
+
+
+def _q(kind, rows=4, layout=2):
+    """Keyword arguments of a quantised combine output of `rows` tokens (hidden HIDDEN)."""
+    from fusedcomm.reference.quant import scale_factor_buffer_size
+
+    block = 16 if kind == "nvfp4" else 32
+    sf_dtype = torch.float8_e4m3fn if kind == "nvfp4" else torch.uint8
+    n = scale_factor_buffer_size(rows, HIDDEN // block, layout)
+    out_dtype = torch.float8_e4m3fn if kind == "mxfp8" else torch.uint8
+    return {"output_dtype": out_dtype, "sf_layout": layout,
+            "output_scales": torch.zeros(n, dtype=torch.uint8).view(sf_dtype)}  # fmt: skip
 
 
 # --- the round is the workspace's --------------------------------------------------------------
@@ -250,15 +266,31 @@ def test_engine_call_forms_run(fake):
     ("kwargs", "error", "match"),
     [
         ({"use_low_precision": True}, NotImplementedError, "use_low_precision"),
-        ({"output_dtype": torch.float8_e4m3fn}, NotImplementedError, "output_dtype"),
-        ({"output_dtype": torch.uint8}, NotImplementedError, "output_dtype"),
-        ({"output_scales": torch.zeros(4, 4)}, NotImplementedError, "output_scales"),
-        ({"output_scalar_scale": 0.5}, NotImplementedError, "output_scalar_scale"),
+        ({"output_dtype": torch.float8_e4m3fn}, ValueError, "needs output_scales"),
+        ({"output_dtype": torch.uint8}, ValueError, "needs output_scales"),
+        ({"output_dtype": torch.int8}, NotImplementedError, "output_dtype"),
+        ({"output_scales": torch.zeros(4, 4)}, TypeError, "output_scales"),
+        ({"output_dtype": torch.uint8, "output_scales": torch.zeros(4, 4)}, TypeError,
+         "output_scales"),
+        ({"output_scalar_scale": 0.5}, ValueError, "output_scalar_scale"),
+        ({"output_scalar_scale": "x"}, TypeError, "output_scalar_scale"),
         ({"sf_layout": 7}, ValueError, "sf_layout"),
         ({"output_dtype": "bf16"}, TypeError, "output_dtype"),
         ({"active_rank_mask": 1}, NotImplementedError, "active_rank_mask"),
+        # Quantised outputs: every check before the round's launch.
+        ({**_q("mxfp8"), "output_scalar_scale": 2.0}, ValueError, "global scale of NVFP4"),
+        ({**_q("nvfp4"), "output_scalar_scale": 0.0}, ValueError, "finite and positive"),
+        ({**_q("nvfp4"), "output_scalar_scale": float("inf")}, ValueError, "finite"),
+        ({**_q("nvfp4", rows=5)}, ValueError, "exactly 16 scale bytes"),
+        ({**_q("mxfp8", rows=200, layout=0)}, ValueError, "exactly 512 scale bytes"),
+        ({**_q("mxfp4"), "output": torch.empty(4, HIDDEN, dtype=torch.uint8)}, ValueError,
+         r"\[4, 32\] torch.uint8"),
+        ({**_q("mxfp8"), "output": torch.empty(4, HIDDEN, dtype=torch.uint8)}, ValueError,
+         "float8_e4m3fn"),
+        ({**_q("nvfp4"), "output_scales": torch.zeros(4, 8, dtype=torch.uint8)[:, ::2]},
+         ValueError, "contiguous"),
     ],
-)
+)  # fmt: skip
 def test_combine_arguments_not_implemented_are_refused(fake, kwargs, error, match):
     a = _instance()
     experts, hidden = _inputs(4, 2)
@@ -268,6 +300,58 @@ def test_combine_arguments_not_implemented_are_refused(fake, kwargs, error, matc
     assert fake.calls == ["dispatch"]
     assert a.phase == "dispatched"  # refused before anything ran: the round goes on
     a.combine(_payload(), M)
+
+
+@pytest.mark.parametrize(
+    ("kind", "dtype", "error", "match"),
+    [
+        ("nvfp4", torch.float32, TypeError, "float16 or bfloat16 payload"),
+        ("mxfp8", torch.float32, TypeError, "float16 or bfloat16 payload"),
+    ],
+)
+def test_quantised_outputs_need_a_16_bit_payload(fake, kind, dtype, error, match):
+    a = _instance()
+    experts, hidden = _inputs(4, 2)
+    a.dispatch(experts, [hidden], M)
+    with pytest.raises(error, match=match):
+        a.combine(_payload(dtype=dtype), M, **_q(kind))
+    assert fake.calls == ["dispatch"]
+
+
+def test_mx_outputs_need_hidden_a_multiple_of_32(fake):
+    ws, metainfo = _register()
+    experts, hidden = _inputs(4, 2)
+    _, offset = fusedcomm.moe_a2a_dispatch(experts, [hidden], ws, metainfo, M, 0, W, 2, EXPERTS)
+    payload = torch.randn(W, M, 48).bfloat16()
+    sf = torch.zeros(4, 1, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        fusedcomm.moe_a2a_combine(payload, 4, ws, metainfo, M, 0, W, 2, offset, False,
+                                  torch.float8_e4m3fn, sf)  # fmt: skip
+    assert fake.calls == ["dispatch"]
+
+
+@pytest.mark.parametrize("layout", [0, 1, 2])
+@pytest.mark.parametrize("kind", ["nvfp4", "mxfp8", "mxfp4"])
+@pytest.mark.parametrize("given", [False, True])
+def test_quantised_outputs_reach_the_launch(fake, kind, layout, given):
+    a = _instance()
+    experts, hidden = _inputs(4, 2)
+    a.dispatch(experts, [hidden], M)
+    q = _q(kind, layout=layout)
+    width = HIDDEN if kind == "mxfp8" else HIDDEN // 2
+    out = torch.empty(4, width, dtype=q["output_dtype"]) if given else None
+    g = 0.75 if kind == "nvfp4" else 1.0
+    # The reference's positional form: output_dtype, output_scales, output_scalar_scale,
+    # sf_layout, output.
+    got = a.combine(_payload(), M, False, q["output_dtype"], q["output_scales"], g, layout, out)
+    assert got.shape == (4, width) and got.dtype == q["output_dtype"]
+    assert out is None or got is out
+    assert fake.calls == ["dispatch", "combine", "quantize"]
+    rows, target, scales, mode, sf_layout, scalar, _pdl = fake.quantize
+    assert rows.shape == (4, HIDDEN) and rows.dtype == torch.bfloat16  # the combine's sum
+    assert target is got and scales is q["output_scales"]
+    assert (mode, sf_layout, scalar) == ({"nvfp4": 0, "mxfp8": 1, "mxfp4": 2}[kind], layout, g)
+    assert a.phase == "idle"
 
 
 def test_dispatch_refuses_a_mask_that_excludes_ranks(fake):

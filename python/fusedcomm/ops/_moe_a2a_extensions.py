@@ -8,16 +8,20 @@ ignored. A combine must also repeat the dispatch it belongs to (the round of the
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any
 
 import torch
 
 from ..enums import QuantizationSFLayout
+from ..reference.quant import scale_factor_buffer_size
 from ._moe_a2a_state import MoeA2ACheckError, _tensor, _Workspace
 
 COMBINE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SF_LAYOUT_LINEAR = QuantizationSFLayout.LINEAR  # SfLayout.layout_linear
 SF_LAYOUTS = (0, 1, 2)  # SfLayout: layout_128x4, layout_8x4, layout_linear
+MAX_QUANT_HIDDEN = 16384  # csrc/moe_a2a_quant.cu: 8 packs of 8 values per thread, 256 threads
 
 
 def _eplb_stats(op: str, st: _Workspace, stats: Any) -> tuple[int, int]:
@@ -89,37 +93,122 @@ def _same_round(op: str, st: _Workspace, local: Any, top_k: Any, r: Any, offset:
         raise MoeA2ACheckError(f"{op}: the combine must repeat its dispatch's arguments: {diff}")
 
 
+# Quantised combine outputs, by (output_dtype, output_scales.dtype) as the reference library
+# tells them apart: (kernel mode, values per scale, output bytes per value, name).
+QUANT_OUTPUTS = {
+    (torch.uint8, torch.float8_e4m3fn): (0, 16, 0.5, "NVFP4"),
+    (torch.float8_e4m3fn, torch.uint8): (1, 32, 1, "MXFP8"),
+    (torch.uint8, torch.uint8): (2, 32, 0.5, "MXFP4"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class CombineOutput:
+    """What a combine returns: ``dtype`` (the combined rows' float dtype), and for a quantised
+    output its kernel ``mode`` (``None``: not quantised), scale buffer, layout and global scale."""
+
+    dtype: torch.dtype | None
+    mode: int | None = None
+    scales: torch.Tensor | None = None
+    layout: int = SF_LAYOUT_LINEAR
+    global_scale: float = 1.0
+    block: int = 1
+    out_dtype: torch.dtype | None = None
+    half_width: bool = False
+
+
 def _combine_output_dtype(
     op: str, payload: Any, output_dtype: Any, scales: Any, scalar: Any, layout: Any, low: Any
-) -> torch.dtype | None:
-    """The output dtype of a combine; the extensions this implementation lacks are refused."""
+) -> CombineOutput:
+    """The output of a combine, checked before any launch; what is not implemented is refused."""
     if low:
         raise NotImplementedError(
             f"{op}: use_low_precision=True (a lower-precision combine wire format) is not "
             "implemented; pass use_low_precision=False"
         )
-    if scales is not None:
-        raise NotImplementedError(
-            f"{op}: output_scales (quantised combine outputs) is not implemented"
-        )
     try:
-        scalar_is_one = float(scalar) == 1.0
+        scalar = float(scalar)
     except (TypeError, ValueError):
         raise TypeError(f"{op}: output_scalar_scale must be a float, got {scalar!r}") from None
-    if not scalar_is_one:
-        raise NotImplementedError(
-            f"{op}: output_scalar_scale ({scalar}) is the global scale of NVFP4 outputs, which are "
-            "not implemented; pass 1.0"
-        )
     if isinstance(layout, bool) or not isinstance(layout, int) or int(layout) not in SF_LAYOUTS:
         raise ValueError(f"{op}: sf_layout ({layout!r}) must be an SfLayout value {SF_LAYOUTS}")
-    if output_dtype is None:
-        return getattr(payload, "dtype", None)
-    if not isinstance(output_dtype, torch.dtype):
+    if output_dtype is not None and not isinstance(output_dtype, torch.dtype):
         raise TypeError(f"{op}: output_dtype must be a torch.dtype, got {output_dtype!r}")
-    if output_dtype not in COMBINE_DTYPES:
-        raise NotImplementedError(
-            f"{op}: output_dtype {output_dtype} (a quantised combine output) is not implemented; "
-            "float16, bfloat16 and float32 are"
+    if scales is None:
+        if output_dtype in (torch.uint8, torch.float8_e4m3fn):
+            raise ValueError(
+                f"{op}: output_dtype {output_dtype} is a quantised output and needs output_scales "
+                "(uint8 UE8M0 scales for MXFP8 / MXFP4, float8_e4m3fn scales for NVFP4)"
+            )
+        if scalar != 1.0:
+            raise ValueError(
+                f"{op}: output_scalar_scale ({scalar}) is the global scale of NVFP4 outputs; "
+                "without output_scales it must be 1.0"
+            )
+        if output_dtype is None:
+            return CombineOutput(getattr(payload, "dtype", None))
+        if output_dtype not in COMBINE_DTYPES:
+            raise NotImplementedError(
+                f"{op}: output_dtype {output_dtype} is not implemented; float16, bfloat16 and "
+                "float32, or with output_scales float8_e4m3fn (MXFP8) and uint8 (NVFP4, MXFP4)"
+            )
+        return CombineOutput(output_dtype)
+    scales = _tensor(op, "output_scales", scales)
+    kind = QUANT_OUTPUTS.get((output_dtype, scales.dtype))
+    if kind is None:
+        raise TypeError(
+            f"{op}: output_scales ({scales.dtype}) with output_dtype {output_dtype}: the "
+            "quantised outputs are float8_e4m3fn with uint8 scales (MXFP8), uint8 with uint8 "
+            "scales (MXFP4) and uint8 with float8_e4m3fn scales (NVFP4)"
         )
-    return output_dtype
+    mode, block, width, name = kind
+    payload_dtype = getattr(payload, "dtype", None)
+    if payload_dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(
+            f"{op}: {name} outputs quantise a float16 or bfloat16 payload, got {payload_dtype}"
+        )
+    if mode != 0 and scalar != 1.0:
+        raise ValueError(
+            f"{op}: output_scalar_scale ({scalar}) is the global scale of NVFP4 outputs; "
+            f"{name} takes none (pass 1.0)"
+        )
+    if mode == 0 and not (math.isfinite(scalar) and scalar > 0.0):
+        raise ValueError(f"{op}: output_scalar_scale ({scalar}) must be finite and positive")
+    return CombineOutput(payload_dtype, mode, scales, int(layout), scalar, block, output_dtype,
+                         width != 1)  # fmt: skip
+
+
+def _check_quantised(op: str, spec: CombineOutput, local: int, hidden: int, device) -> None:
+    """Shapes of a quantised output's scale buffer (the output itself: _quantised_output)."""
+    name = next(v[3] for v in QUANT_OUTPUTS.values() if v[0] == spec.mode)
+    if hidden % spec.block:
+        raise ValueError(f"{op}: hidden ({hidden}) must be a multiple of {spec.block} for {name}")
+    if hidden > MAX_QUANT_HIDDEN:
+        raise ValueError(f"{op}: hidden ({hidden}) must be at most {MAX_QUANT_HIDDEN} for {name}")
+    scales = spec.scales
+    need = scale_factor_buffer_size(local, hidden // spec.block, spec.layout)
+    if scales.device != device or not scales.is_contiguous() or scales.numel() != need:
+        raise ValueError(
+            f"{op}: output_scales ({tuple(scales.shape)}, {scales.device}) must be a contiguous "
+            f"tensor of exactly {need} scale bytes on {device} ({local} rows, "
+            f"{hidden // spec.block} scale columns, sf_layout {spec.layout})"
+        )
+
+
+def _quantised_output(op: str, spec: CombineOutput, output: Any, local: int, hidden: int, device):
+    width = hidden // 2 if spec.half_width else hidden
+    if output is None:
+        return torch.empty((local, width), dtype=spec.out_dtype, device=device)
+    output = _tensor(op, "output", output)
+    if (
+        tuple(output.shape) != (local, width)
+        or output.dtype != spec.out_dtype
+        or output.device != device
+        or not output.is_contiguous()
+        or output.data_ptr() % 8
+    ):
+        raise ValueError(
+            f"{op}: output ({tuple(output.shape)}, {output.dtype}, {output.device}) must be a "
+            f"contiguous, 8-byte aligned [{local}, {width}] {spec.out_dtype} tensor on {device}"
+        )
+    return output

@@ -41,7 +41,9 @@ from ..runtime.moe_a2a_workspace import _int as _int
 from ._moe_a2a_extensions import (
     COMBINE_DTYPES,
     SF_LAYOUT_LINEAR,
+    _check_quantised,
     _combine_output_dtype,
+    _quantised_output,
     _eplb_stats,
     _same_round,
     _unsupported_extensions,
@@ -496,9 +498,10 @@ def moe_a2a_combine(
     op = "moe_a2a_combine"
     st = _state(op, workspace, ep_rank, metainfo)
     _unsupported_extensions(op, st, active_rank_mask)
-    out_dtype = _combine_output_dtype(
+    spec = _combine_output_dtype(
         op, payload, output_dtype, output_scales, output_scalar_scale, sf_layout, use_low_precision
     )
+    out_dtype = spec.dtype
     in_workspace = bool(payload_in_workspace)
     try:
         key = (
@@ -540,8 +543,14 @@ def moe_a2a_combine(
             )
     elif not payload.is_contiguous():
         payload = payload.contiguous()
+    hidden = payload.size(2)
+    target = None
+    if spec.mode is not None:  # the quantised output's checks come before the round's launch
+        _check_quantised(op, spec, local_num_tokens, hidden, payload.device)
+        target = _quantised_output(op, spec, output, local_num_tokens, hidden, payload.device)
+        output = None
     converted = out_dtype != payload.dtype
-    out = _output(op, None if converted else output, local_num_tokens, payload.size(2), payload)
+    out = _output(op, None if converted else output, local_num_tokens, hidden, payload)
     pdl = _pdl_default(st.device) if enable_pdl is None else bool(enable_pdl)
     _module().moe_a2a_combine_launch(
         out,
@@ -553,8 +562,13 @@ def moe_a2a_combine(
         pdl,
     )
     st.round = None
+    if target is not None:
+        _module().moe_a2a_quantize_launch(
+            out, target, spec.scales, spec.mode, spec.layout, spec.global_scale, pdl
+        )
+        return target
     if converted:
-        target = _output(op, output, local_num_tokens, payload.size(2), payload, out_dtype)
+        target = _output(op, output, local_num_tokens, hidden, payload, out_dtype)
         return target.copy_(out)
     return out
 
