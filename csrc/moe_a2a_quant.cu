@@ -68,9 +68,8 @@ void moe_a2a_quantize_launch(ffi::TensorView rows, ffi::TensorView out, ffi::Ten
   FC_CHECK_VALUE(mode >= 0 && mode <= 2, op) << "internal: quantisation mode " << mode;
   FC_CHECK_VALUE(sf_layout >= kSfSwizzled128x4 && sf_layout <= kSfLinear, op)
       << "sf_layout (" << sf_layout << ") must be an SfLayout value (0, 1 or 2)";
-  FC_CHECK_VALUE(rows.ndim() == 2 && rows.IsContiguous() && out.IsContiguous() &&
-                     scales.IsContiguous(),
-                 op)
+  FC_CHECK_VALUE(
+      rows.ndim() == 2 && rows.IsContiguous() && out.IsContiguous() && scales.IsContiguous(), op)
       << "the combined rows, the output and output_scales must be contiguous";
   const int device = rows.device().device_id;
   for (const ffi::TensorView* t : {&rows, &out, &scales}) {
@@ -86,8 +85,7 @@ void moe_a2a_quantize_launch(ffi::TensorView rows, ffi::TensorView out, ffi::Ten
       << "hidden (" << hidden << ") must be at most " << 8 * kMaxRowPacks * kMoeA2AThreads
       << " for quantised outputs";
   const int64_t out_bytes = mode == 1 ? local * hidden : local * hidden / 2;
-  FC_CHECK_VALUE(nbytes(out) == out_bytes && reinterpret_cast<uintptr_t>(data_of(out)) % 8 == 0,
-                 op)
+  FC_CHECK_VALUE(nbytes(out) == out_bytes && reinterpret_cast<uintptr_t>(data_of(out)) % 8 == 0, op)
       << "the quantised output must hold " << out_bytes << " bytes at an 8-byte aligned address, "
       << "got " << nbytes(out);
   const SfLayout layout{static_cast<int32_t>(sf_layout), static_cast<int32_t>(hidden / block)};
@@ -109,11 +107,11 @@ void moe_a2a_quantize_launch(ffi::TensorView rows, ffi::TensorView out, ffi::Ten
   auto* sf = static_cast<uint8_t*>(data_of(scales));
   const float g = static_cast<float>(global_scale);
   cudaStream_t stream = stream_for(device);
-  FC_CUDA_CHECK(dt == DType::kF16
-                    ? launch_mode<__half>(mode, a, data_of(out), sf, layout, g, blocks, pdl, stream)
-                    : launch_mode<__nv_bfloat16>(mode, a, data_of(out), sf, layout, g, blocks,
-                                                 pdl, stream),
-                op);
+  FC_CUDA_CHECK(
+      dt == DType::kF16
+          ? launch_mode<__half>(mode, a, data_of(out), sf, layout, g, blocks, pdl, stream)
+          : launch_mode<__nv_bfloat16>(mode, a, data_of(out), sf, layout, g, blocks, pdl, stream),
+      op);
 }
 
 }  // namespace fusedcomm

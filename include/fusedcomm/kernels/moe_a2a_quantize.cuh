@@ -8,8 +8,8 @@
 // Every thread of a block takes part in every row (the quantisers' warp shuffles need it).
 // Runs after the combine on the same stream: it reads nothing of the workspace.
 #pragma once
-#include "fusedcomm/proto/pdl.cuh"
 #include "fusedcomm/common/vec.cuh"
+#include "fusedcomm/proto/pdl.cuh"
 #include "fusedcomm/proto/row.cuh"
 
 namespace fusedcomm {

@@ -21,9 +21,7 @@ PARTS = 4
 @functools.cache
 def spec() -> JitSpec:
     parts = tuple(Unit("moe_a2a_kernels.cu", (f"FC_PART={k}",)) for k in range(PARTS))
-    return JitSpec(
-        name="moe_a2a", units=(Unit("moe_a2a.cu"), Unit("moe_a2a_quant.cu"), *parts)
-    )
+    return JitSpec(name="moe_a2a", units=(Unit("moe_a2a.cu"), Unit("moe_a2a_quant.cu"), *parts))
 
 
 def all_specs() -> list[JitSpec]:

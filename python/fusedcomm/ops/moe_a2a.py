@@ -43,8 +43,8 @@ from ._moe_a2a_extensions import (
     SF_LAYOUT_LINEAR,
     _check_quantised,
     _combine_output_dtype,
-    _quantised_output,
     _eplb_stats,
+    _quantised_output,
     _same_round,
     _unsupported_extensions,
 )
@@ -468,10 +468,23 @@ def moe_a2a_combine(
 
     ``output_dtype``: None (the payload's dtype) or another of float16, bfloat16, float32: the
     rounded sum is then converted (exact when widening; narrowing from float32 rounds the fp32
-    sum once). Quantised outputs (FP8 / FP4 dtypes, ``output_scales``, an
-    ``output_scalar_scale`` other than 1.0) and ``use_low_precision=True`` are not implemented
-    and raise ``NotImplementedError``; ``sf_layout`` must be a valid ``SfLayout`` value (it
-    only matters for quantised outputs). ``active_rank_mask``: as in :func:`moe_a2a_dispatch`.
+    sum once). Quantised outputs (float16 / bfloat16 payloads, ``hidden`` at most 16384), told
+    apart as the reference library does, by ``output_dtype`` and ``output_scales.dtype``; each
+    quantises the rounded sum (``reference.quant.quantize_nvfp4``, ``reference.moe_a2a.
+    quantize_mx``) and writes the scale bytes into ``output_scales`` (a contiguous tensor of
+    exactly ``reference.quant.scale_factor_buffer_size(local_num_tokens, hidden / block,
+    sf_layout)`` bytes; the swizzled layouts' padding is not written):
+
+    * ``uint8`` + ``float8_e4m3fn`` scales: NVFP4, ``[L, H/2]`` packed E2M1, one E4M3 scale per
+      16 values, ``output_scalar_scale`` the global scale ``G`` (it multiplies: typically
+      ``448 * 6 / amax``; finite and positive);
+    * ``float8_e4m3fn`` + ``uint8`` scales: MXFP8, ``[L, H]`` E4M3, one UE8M0 scale per 32;
+    * ``uint8`` + ``uint8`` scales: MXFP4, ``[L, H/2]`` packed E2M1, one UE8M0 scale per 32.
+
+    ``output_scalar_scale`` must be 1.0 for every other output. ``sf_layout``: an ``SfLayout``
+    value (0: 128x4 tiles, 1: 8x4 tiles, 2: linear). Every architecture (SM90 included) runs
+    them; the bytes are the references' exactly. ``use_low_precision=True`` is not implemented
+    and raises ``NotImplementedError``. ``active_rank_mask``: as in :func:`moe_a2a_dispatch`.
     """
     if tracing():
         return _untraced_moe_a2a_combine(
