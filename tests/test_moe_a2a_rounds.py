@@ -349,7 +349,8 @@ def test_quantised_outputs_reach_the_launch(fake, kind, layout, given):
     assert fake.calls == ["dispatch", "combine", "quantize"]
     rows, target, scales, mode, sf_layout, scalar, _pdl = fake.quantize
     assert rows.shape == (4, HIDDEN) and rows.dtype == torch.bfloat16  # the combine's sum
-    assert target is got and scales is q["output_scales"]
+    assert target.data_ptr() == got.data_ptr() and target.dtype == torch.uint8
+    assert scales.data_ptr() == q["output_scales"].data_ptr() and scales.dtype == torch.uint8
     assert (mode, sf_layout, scalar) == ({"nvfp4": 0, "mxfp8": 1, "mxfp4": 2}[kind], layout, g)
     assert a.phase == "idle"
 

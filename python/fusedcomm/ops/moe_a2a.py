@@ -576,8 +576,14 @@ def moe_a2a_combine(
     )
     st.round = None
     if target is not None:
-        _module().moe_a2a_quantize_launch(
-            out, target, spec.scales, spec.mode, spec.layout, spec.global_scale, pdl
+        _module().moe_a2a_quantize_launch(  # bytes: float8 views need no DLPack float8
+            out,
+            target.view(torch.uint8),
+            spec.scales.view(torch.uint8),
+            spec.mode,
+            spec.layout,
+            spec.global_scale,
+            pdl,
         )
         return target
     if converted:
