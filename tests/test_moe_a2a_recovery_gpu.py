@@ -96,9 +96,9 @@ def _rank_wrap(rank, world):
         _mapping(rank, world), MAX_TOKENS, TOP_K, EXPERTS, hidden_size=HIDDEN, timeout_s=TIMEOUT_S
     )
     _round(f, "fresh round", a2a, rank, world, 1)
-    # Two starts of either parity a few values below the top of the 31-bit field: some push
+    # Two starts of either parity a few values below the top of the 30-bit field: some push
     # combine of the eight ops after either start takes the largest values the field holds.
-    for start in (0x7FFFFFFA, 0x7FFFFFFB):
+    for start in (0x3FFFFFFA, 0x3FFFFFFB):
         a2a.reset()
         _set_flag_counter(a2a, rank, start)
         for i, pull in enumerate((False, False, True, False)):

@@ -9,7 +9,8 @@
 //
 // Flag values (kernels/moe_a2a_flags.cuh): every dispatch and combine takes the next value of
 // its rank's own counter, 1 .. kMaxFlagValue then 1 again; a combine that pushes sets kPushBit
-// in its combine flags (kernels/moe_a2a_combine.cuh). The abort mark is no value of either kind.
+// in its combine flags, one on the low-precision wire kLowBit (kernels/moe_a2a_combine.cuh).
+// The abort mark is no value of any kind.
 #pragma once
 #include <cstdint>
 

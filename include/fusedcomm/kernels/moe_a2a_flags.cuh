@@ -1,13 +1,14 @@
 // Flag values of the MoE all-to-all and the abort mark, disjoint by construction.
 //
-// A flag word is 32 bits: the top bit (kPushBit) says a combine pushed its rows, the 31 bits
-// below it hold the round's value. Every dispatch and combine takes the next value of its
-// rank's own counter (the row's flag value field, 0 after initialisation):
+// A flag word is 32 bits: the top two bits are a combine's mode (kPushBit: it pushed its rows;
+// kLowBit: its rows are on the low-precision wire format), the 30 bits below them hold the
+// round's value. Every dispatch and combine takes the next value of its rank's own counter
+// (the row's flag value field, 0 after initialisation):
 //   1, 2, ..., kMaxFlagValue, 1, 2, ...
 // Ranks call the same sequence of ops, so the values agree; 0 is never used. The abort mark
 // kA2AAborted has every bit set, so its value field is kFlagValueMask, which is above
-// kMaxFlagValue: no flag a kernel stores, with or without kPushBit, is ever the abort mark,
-// however many rounds a workspace serves. Host code (tests) compiles this header too.
+// kMaxFlagValue: no flag a kernel stores, with any mode bits, is ever the abort mark, however
+// many rounds a workspace serves. Host code (tests) compiles this header too.
 //
 // Dispatch flags also say the round's runtime_max_tokens_per_rank R, which every rank must
 // share (it places every slot): dispatch_flag(v, R) keeps the low kStepBits of v (the step)
@@ -15,7 +16,7 @@
 // (ranks disagree on R); a flag of another step is an earlier round (consecutive dispatches
 // differ by 1 or 2 in the step bits, and no rank gets a round ahead: a dispatch first waits
 // for every rank's release of the previous one). Tags of R values that differ by a multiple
-// of 2^23 coincide.
+// of 2^22 coincide.
 #pragma once
 #include <cstdint>
 
@@ -23,7 +24,8 @@ namespace fusedcomm {
 
 constexpr uint32_t kA2AAborted = 0xffffffffu;
 constexpr uint32_t kPushBit = 0x80000000u;
-constexpr uint32_t kFlagValueMask = kPushBit - 1;       // the value field of a flag word
+constexpr uint32_t kLowBit = 0x40000000u;
+constexpr uint32_t kFlagValueMask = kLowBit - 1;        // the value field of a flag word
 constexpr uint32_t kMaxFlagValue = kFlagValueMask - 1;  // the last value before the wrap
 
 __host__ __device__ constexpr uint32_t next_flag_value(uint32_t v) {
@@ -52,8 +54,10 @@ static_assert(dispatch_flag(5, 7) != dispatch_flag(5, 8) &&
               "the step and the tag both show in a dispatch flag");
 static_assert((kA2AAborted & kFlagValueMask) > kMaxFlagValue,
               "the abort mark's value field must lie outside the flag values");
-static_assert((kMaxFlagValue | kPushBit) != kA2AAborted && kMaxFlagValue != kA2AAborted,
-              "no flag value, pushed or not, may equal the abort mark");
+static_assert((kMaxFlagValue | kPushBit | kLowBit) != kA2AAborted && kMaxFlagValue != kA2AAborted,
+              "no flag value, with any mode bits, may equal the abort mark");
+static_assert((kPushBit & kLowBit) == 0 && ((kPushBit | kLowBit) & kFlagValueMask) == 0,
+              "the mode bits lie above the value field");
 static_assert(next_flag_value(kMaxFlagValue) == 1 && next_flag_value(0) == 1,
               "the values wrap to 1 and never take 0");
 static_assert(next_flag_value(kMaxFlagValue - 1) == kMaxFlagValue, "every value is used");
