@@ -5,7 +5,8 @@
 //   moe_a2a_describe() -> op, phases, limits
 //   moe_a2a_dispatch_launch(experts, ws, dropped, num_experts, R,
 //                           payloads [ptr, row stride, bytes] * n, eplb ptr, eplb count, pdl)
-//   moe_a2a_combine_launch(out, ws, payload (0: in the workspace), top_k, R, region, pdl)
+//   moe_a2a_combine_launch(out, ws, payload (0: in the workspace), top_k, R, region, wire, pdl)
+//     wire 1, 2: the low-precision wire from a float16 / bfloat16 payload (0: none)
 //   moe_a2a_sanitize_launch(ids, recv_counts, invalid_id, pdl)
 //   moe_a2a_clear_claim(device, claim): zero a failure claim word (recovery)
 // `ws` = [device, base, row stride, row bytes, world, rank, max_num_tokens, eplb experts, claim,
@@ -182,7 +183,8 @@ void moe_a2a_dispatch_launch(ffi::TensorView experts, ffi::Array<int64_t> ws, in
 }
 
 void moe_a2a_combine_launch(ffi::TensorView out, ffi::Array<int64_t> ws, int64_t payload,
-                            int64_t top_k, int64_t max_tokens, int64_t region, bool pdl) {
+                            int64_t top_k, int64_t max_tokens, int64_t region, int64_t wire,
+                            bool pdl) {
   constexpr const char* op = "moe_a2a_combine";
   Workspace w = workspace_of(ws, op);
   check_on_device(out, "the output", w.device, op);
@@ -195,6 +197,8 @@ void moe_a2a_combine_launch(ffi::TensorView out, ffi::Array<int64_t> ws, int64_t
   const int64_t local_tokens = out.shape()[0];
   const int64_t row_bytes = out.shape()[1] * (out.dtype().bits / 8);
   const int64_t dtype = dt == DType::kF16 ? 0 : dt == DType::kBF16 ? 1 : 2;
+  FC_CHECK_VALUE(!wire || (dtype == 1 && row_bytes % 64 == 0 && row_bytes <= 32768), op)
+      << "use_low_precision: hidden (" << row_bytes / 2 << ") must be a multiple of 32, <= 16384";
   const MoeA2ALayout& l = w.site.rows.layout;
   FC_CHECK_VALUE(top_k >= 1 && top_k <= MoeA2ALayout::kMaxTopK, op)
       << "top_k (" << top_k << ") must be in [1, " << MoeA2ALayout::kMaxTopK << "]";
@@ -246,6 +250,7 @@ void moe_a2a_combine_launch(ffi::TensorView out, ffi::Array<int64_t> ws, int64_t
   auto launch = dtype == 0   ? launch_moe_combine<CombineDType::kF16>
                 : dtype == 1 ? launch_moe_combine<CombineDType::kBF16>
                              : launch_moe_combine<CombineDType::kF32>;
+  if (wire) launch = wire == 2 ? launch_moe_combine_wire<true> : launch_moe_combine_wire<false>;
   FC_CUDA_CHECK(launch(a, blocks, sms, pdl, stream), op);
 }
 

@@ -45,6 +45,7 @@ class _FakeModule:
 
     def moe_a2a_combine_launch(self, out, *args):
         self.calls.append("combine")
+        self.combine = (out, *args)
         out.copy_(torch.arange(out.numel(), dtype=torch.float32).view(out.shape) / 3)
 
     def moe_a2a_sanitize_launch(self, *args):
@@ -265,7 +266,9 @@ def test_engine_call_forms_run(fake):
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"use_low_precision": True}, NotImplementedError, "use_low_precision"),
+        ({"use_low_precision": "yes"}, TypeError, "use_low_precision"),
+        ({"use_low_precision": True, **_q("mxfp8")}, NotImplementedError, "quantised output"),
+        ({"use_low_precision": True, "output_scalar_scale": 2.0}, ValueError, "1.0"),
         ({"output_dtype": torch.float8_e4m3fn}, ValueError, "needs output_scales"),
         ({"output_dtype": torch.uint8}, ValueError, "needs output_scales"),
         ({"output_dtype": torch.int8}, NotImplementedError, "output_dtype"),
@@ -316,6 +319,42 @@ def test_quantised_outputs_need_a_16_bit_payload(fake, kind, dtype, error, match
     with pytest.raises(error, match=match):
         a.combine(_payload(dtype=dtype), M, **_q(kind))
     assert fake.calls == ["dispatch"]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "output_dtype", "wire", "want"),
+    [
+        (torch.bfloat16, None, 2, torch.bfloat16),
+        (torch.float16, None, 1, torch.bfloat16),
+        (torch.bfloat16, torch.float32, 2, torch.float32),
+        (torch.float16, torch.float16, 1, torch.float16),
+    ],
+)
+def test_low_precision_reaches_the_launch(fake, dtype, output_dtype, wire, want):
+    a = _instance()
+    experts, hidden = _inputs(4, 2)
+    a.dispatch(experts, [hidden], M)
+    got = a.combine(_payload(dtype=dtype), M, output_dtype=output_dtype, use_low_precision=True)
+    assert got.dtype == want and got.shape == (4, HIDDEN)
+    out, *args = fake.combine
+    assert out.dtype == torch.bfloat16  # the kernel's sum, converted where asked
+    assert args[-2] == wire and args[1] != 0  # the payload pointer: staged from the tensor
+    assert fake.calls == ["dispatch", "combine"] and a.phase == "idle"
+
+
+def test_low_precision_needs_a_16_bit_payload_and_hidden_a_multiple_of_32(fake):
+    a = _instance()
+    experts, hidden = _inputs(4, 2)
+    a.dispatch(experts, [hidden], M)
+    with pytest.raises(TypeError, match="float16 or bfloat16"):
+        a.combine(_payload(dtype=torch.float32), M, use_low_precision=True)
+    ws, metainfo = _register(rank=1)
+    _, offset = fusedcomm.moe_a2a_dispatch(experts, [hidden], ws, metainfo, M, 1, W, 2, EXPERTS)
+    payload = torch.randn(W, M, 48).bfloat16()
+    with pytest.raises(ValueError, match="multiple of 32"):
+        fusedcomm.moe_a2a_combine(payload, 4, ws, metainfo, M, 1, W, 2, offset,
+                                  use_low_precision=True)  # fmt: skip
+    assert fake.calls == ["dispatch", "dispatch"]
 
 
 def test_mx_outputs_need_hidden_a_multiple_of_32(fake):

@@ -115,17 +115,32 @@ class CombineOutput:
     block: int = 1
     out_dtype: torch.dtype | None = None
     half_width: bool = False
+    wire: int = 0  # the low-precision wire: 1 from a float16, 2 from a bfloat16 payload
+
+
+def _low_precision(op: str, payload: Any, output_dtype: Any, scales: Any) -> CombineOutput:
+    """use_low_precision=True: MXFP8 rows on the wire, a bfloat16 sum (or output_dtype's)."""
+    payload_dtype = getattr(payload, "dtype", None)
+    if payload_dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(
+            f"{op}: use_low_precision=True sends float16 or bfloat16 payloads as MXFP8, got "
+            f"{payload_dtype}"
+        )
+    if scales is not None or output_dtype in (torch.uint8, torch.float8_e4m3fn):
+        raise NotImplementedError(
+            f"{op}: use_low_precision=True with a quantised output (output_scales, "
+            f"output_dtype {output_dtype}) is not implemented"
+        )
+    if output_dtype is not None and output_dtype not in COMBINE_DTYPES:
+        raise NotImplementedError(f"{op}: output_dtype {output_dtype} is not implemented")
+    dtype = torch.bfloat16 if output_dtype is None else output_dtype
+    return CombineOutput(dtype, wire=1 if payload_dtype == torch.float16 else 2)
 
 
 def _combine_output_dtype(
     op: str, payload: Any, output_dtype: Any, scales: Any, scalar: Any, layout: Any, low: Any
 ) -> CombineOutput:
     """The output of a combine, checked before any launch; what is not implemented is refused."""
-    if low:
-        raise NotImplementedError(
-            f"{op}: use_low_precision=True (a lower-precision combine wire format) is not "
-            "implemented; pass use_low_precision=False"
-        )
     try:
         scalar = float(scalar)
     except (TypeError, ValueError):
@@ -134,6 +149,12 @@ def _combine_output_dtype(
         raise ValueError(f"{op}: sf_layout ({layout!r}) must be an SfLayout value {SF_LAYOUTS}")
     if output_dtype is not None and not isinstance(output_dtype, torch.dtype):
         raise TypeError(f"{op}: output_dtype must be a torch.dtype, got {output_dtype!r}")
+    if not isinstance(low, int):  # bool or 0 / 1
+        raise TypeError(f"{op}: use_low_precision must be a bool, got {low!r}")
+    if low:
+        if scalar != 1.0:
+            raise ValueError(f"{op}: output_scalar_scale ({scalar}) must be 1.0 here")
+        return _low_precision(op, payload, output_dtype, scales)
     if scales is None:
         if output_dtype in (torch.uint8, torch.float8_e4m3fn):
             raise ValueError(
@@ -176,6 +197,14 @@ def _combine_output_dtype(
         raise ValueError(f"{op}: output_scalar_scale ({scalar}) must be finite and positive")
     return CombineOutput(payload_dtype, mode, scales, int(layout), scalar, block, output_dtype,
                          width != 1)  # fmt: skip
+
+
+def _check_wire(op: str, spec: CombineOutput, hidden: int) -> None:
+    if spec.wire and (hidden % 32 or hidden > MAX_QUANT_HIDDEN):
+        raise ValueError(
+            f"{op}: use_low_precision=True needs hidden ({hidden}) a multiple of 32, at most "
+            f"{MAX_QUANT_HIDDEN} (MXFP8 rows on the wire)"
+        )
 
 
 def _check_quantised(op: str, spec: CombineOutput, local: int, hidden: int, device) -> None:

@@ -42,6 +42,7 @@ from ._moe_a2a_extensions import (
     COMBINE_DTYPES,
     SF_LAYOUT_LINEAR,
     _check_quantised,
+    _check_wire,
     _combine_output_dtype,
     _eplb_stats,
     _quantised_output,
@@ -411,6 +412,7 @@ def _combine_impl(
         top_k,
         runtime_max_tokens_per_rank,
         combine_payload_offset,
+        0,
         enable_pdl,
     )
 
@@ -483,8 +485,17 @@ def moe_a2a_combine(
 
     ``output_scalar_scale`` must be 1.0 for every other output. ``sf_layout``: an ``SfLayout``
     value (0: 128x4 tiles, 1: 8x4 tiles, 2: linear). Every architecture (SM90 included) runs
-    them; the bytes are the references' exactly. ``use_low_precision=True`` is not implemented
-    and raises ``NotImplementedError``. ``active_rank_mask``: as in :func:`moe_a2a_dispatch`.
+    them; the bytes are the references' exactly.
+
+    ``use_low_precision=True`` (float16 / bfloat16 payloads, ``hidden`` a multiple of 32, at
+    most 16384): the rows travel as MXFP8 (per 32 values one UE8M0 scale, E4M3 codes; 1.03
+    bytes per value instead of 2), each term is decoded exactly and summed as above, and the
+    result is bfloat16 (or ``output_dtype``'s float dtype, converted). Per term the error is at
+    most 2^-4 of the value plus 2^-10 of its block's scale (docs/moe-a2a.md;
+    ``reference.moe_a2a.combine_low_precision_reference`` gives the exact bits). Every rank of
+    a round must pass the same ``use_low_precision`` (a rank that differs fails the round on
+    every rank). Not combined with quantised outputs. ``active_rank_mask``: as in
+    :func:`moe_a2a_dispatch`.
     """
     if tracing():
         return _untraced_moe_a2a_combine(
@@ -562,8 +573,10 @@ def moe_a2a_combine(
         _check_quantised(op, spec, local_num_tokens, hidden, payload.device)
         target = _quantised_output(op, spec, output, local_num_tokens, hidden, payload.device)
         output = None
-    converted = out_dtype != payload.dtype
-    out = _output(op, None if converted else output, local_num_tokens, hidden, payload)
+    _check_wire(op, spec, hidden)
+    summed = torch.bfloat16 if spec.wire else payload.dtype  # what the kernel writes
+    converted = out_dtype != summed
+    out = _output(op, None if converted else output, local_num_tokens, hidden, payload, summed)
     pdl = _pdl_default(st.device) if enable_pdl is None else bool(enable_pdl)
     _module().moe_a2a_combine_launch(
         out,
@@ -572,6 +585,7 @@ def moe_a2a_combine(
         top_k,
         runtime_max_tokens_per_rank,
         combine_payload_offset,
+        spec.wire,
         pdl,
     )
     st.round = None

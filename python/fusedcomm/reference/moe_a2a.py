@@ -28,6 +28,7 @@ import torch
 __all__ = [
     "COMBINE_PAIRWISE_TOP_K",
     "DispatchReference",
+    "combine_low_precision_reference",
     "combine_reference",
     "combine_sum",
     "combine_sum_steps",
@@ -437,3 +438,25 @@ def dequantize_mx(codes: torch.Tensor, sf: torch.Tensor, kind: str) -> torch.Ten
     d = values.shape[1]
     scale = ue8m0_decode(sf.reshape(n, d // MX_BLOCK)).unsqueeze(-1)
     return (values.reshape(n, d // MX_BLOCK, MX_BLOCK) * scale).reshape(n, d)
+
+
+def combine_low_precision_reference(
+    payloads_per_rank: Sequence[torch.Tensor],
+    target_ranks: Sequence[torch.Tensor],
+    send_indices: Sequence[torch.Tensor],
+) -> list[torch.Tensor]:
+    """Combine of every rank at once with the rows on the low-precision wire
+    (``use_low_precision=True``), bit for bit.
+
+    Unfused equivalent: every payload row (float16 or bfloat16, ``H`` a multiple of 32) goes as
+    its MXFP8 (:func:`quantize_mx` ``"mxfp8"``) and comes back decoded exactly
+    (:func:`dequantize_mx`, fp32); then :func:`combine_reference`'s sum, rounded once to
+    bfloat16. Returns per rank ``[L_r, H]`` bfloat16.
+    """
+    wire = []
+    for p in payloads_per_rank:
+        w, r, h = p.shape
+        codes, sf = quantize_mx(p.reshape(w * r, h), "mxfp8")
+        wire.append(dequantize_mx(codes, sf, "mxfp8").reshape(w, r, h))
+    sums = combine_reference(wire, target_ranks, send_indices)  # fp32 terms, fp32 sums
+    return [s.to(torch.bfloat16) for s in sums]
