@@ -278,7 +278,9 @@ def _rank_checks(rank, world):
     wide = torch.empty(0, 1 << 60, dtype=torch.bfloat16, device="cuda")
     start = int(a2a.metainfo[8])  # the first byte of the payload data: a valid region start
     try:
-        _ws_state._module().moe_a2a_combine_launch(wide, st.record, 0, TOP_K, TOKENS, start, False)
+        _ws_state._module().moe_a2a_combine_launch(
+            wide, st.record, 0, TOP_K, TOKENS, start, 0, False
+        )
         f.check(False, "an overflowing combine region passed the bounds check")
     except ValueError as e:
         f.check("does not fit" in str(e), f"overflow: message {e}")
