@@ -262,3 +262,63 @@ def test_ranks_that_disagree_on_the_wire_fail_the_round(world_size):
     assert_no_failures([messages for messages, _ in results])
     names = [name for _, name in results]
     assert "ProtocolMismatchError" in names, names
+
+
+# --- CUDA graphs --------------------------------------------------------------------------------
+
+
+def _rank_graph(rank, world):
+    """One graph of two rounds (an NVFP4 output in the 128x4 layout, then the low-precision
+    wire), replayed with new routing and new rows; outputs and scales poisoned before each."""
+    f = Failures()
+    mapping = Mapping(world, rank, tp_size=world, moe_ep_size=world)
+    size = comm.moe_a2a_get_workspace_size_per_rank(world, MAX_TOKENS, 2 * 7168 + 64, 2 * 7168)
+    a2a = MoeAlltoAll(mapping, MAX_TOKENS, TOP_K, EXPERTS, size, timeout_s=30.0)
+    tokens, hidden, g = [37 - 11 * (q % 2) for q in range(world)], 256, 448.0 * 6.0 / 64.0
+    n, r = tokens[rank], max(tokens)
+    experts_in, x_in = (t.clone() for t in _inputs(90, rank, n, hidden))
+    sf = torch.full((scale_factor_buffer_size(n, hidden // 16, 0),), POISON, dtype=torch.uint8,
+                    device="cuda")  # fmt: skip
+    q_out = torch.empty(n, hidden // 2, dtype=torch.uint8, device="cuda")
+    low_out = torch.empty(n, hidden, dtype=torch.bfloat16, device="cuda")
+
+    def rounds():
+        received = a2a.dispatch(experts_in, [x_in], r)
+        y = _expert(received[0], rank, torch.bfloat16)
+        a2a.combine(y, r, False, torch.uint8, sf.view(torch.float8_e4m3fn), g, 0, q_out)
+        received = a2a.dispatch(experts_in, [x_in], r)
+        y = _expert(received[0], rank, torch.bfloat16)
+        a2a.combine(y, r, output=low_out, use_low_precision=True)
+
+    rounds()  # eager warm-up
+    torch.cuda.synchronize()
+    barrier()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        rounds()
+    torch.cuda.synchronize()
+    barrier()
+    for replay, seed in enumerate((91, 92, 93)):
+        experts, x = _inputs(seed, rank, n, hidden)
+        experts_in.copy_(experts)
+        x_in.copy_(x)
+        sf.fill_(POISON)
+        q_out.fill_(0x5A)
+        low_out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        terms = _terms(seed, rank, world, tokens, hidden, torch.bfloat16)
+        codes, scales = _want("nvfp4", combine_sum(terms).to(torch.bfloat16), g, 0)
+        f.check(torch.equal(q_out, codes), f"replay {replay}: NVFP4 codes differ")
+        f.check(torch.equal(sf, scales), f"replay {replay}: NVFP4 scale bytes differ")
+        want, _, _ = _wire_reference(terms)
+        f.check(torch.equal(low_out, want), f"replay {replay}: the low-precision round differs")
+    comm.check_errors()
+    barrier()
+    del graph
+    return f.messages
+
+
+@pytest.mark.gpu(2)
+def test_cuda_graph_replays_output_formats(world_size):
+    assert_no_failures(run_ranks(_rank_graph, world_size, backend="nccl", timeout_s=240))
