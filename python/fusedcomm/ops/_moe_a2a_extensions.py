@@ -153,7 +153,10 @@ def _combine_output_dtype(
         raise TypeError(f"{op}: use_low_precision must be a bool, got {low!r}")
     if low:
         if scalar != 1.0:
-            raise ValueError(f"{op}: output_scalar_scale ({scalar}) must be 1.0 here")
+            raise ValueError(
+                f"{op}: output_scalar_scale ({scalar}) is the global scale of NVFP4 outputs; "
+                "with use_low_precision=True it must be 1.0"
+            )
         return _low_precision(op, payload, output_dtype, scales)
     if scales is None:
         if output_dtype in (torch.uint8, torch.float8_e4m3fn):
