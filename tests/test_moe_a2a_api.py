@@ -181,7 +181,11 @@ def test_jit_parts_equal_the_header():
     assert jit_moe_a2a.PARTS == int(found[0])
     units = [u.source for u in jit_moe_a2a.spec().units]
     assert units.count("moe_a2a_kernels.cu") == jit_moe_a2a.PARTS
-    assert sorted(set(units) - {"moe_a2a_kernels.cu"}) == ["moe_a2a.cu", "moe_a2a_quant.cu"]
+    assert sorted(set(units) - {"moe_a2a_kernels.cu"}) == [
+        "moe_a2a.cu",
+        "moe_a2a_quant.cu",
+        "moe_a2a_sanitize.cu",
+    ]
 
 
 def _f32_bits(x: float) -> int:

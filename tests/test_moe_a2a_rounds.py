@@ -14,7 +14,7 @@ from fusedcomm import Mapping, MoeAlltoAll
 from fusedcomm.ops import _moe_a2a_state as state
 from fusedcomm.ops import moe_a2a as a2a_ops
 from fusedcomm.ops.moe_a2a import MoeA2ACheckError
-from fusedcomm.ops.moe_alltoall import MoeA2AStateError
+from fusedcomm.ops.moe_alltoall import MoeA2AArgumentError, MoeA2AStateError
 from fusedcomm.runtime.moe_a2a_workspace import (
     MoeA2ALayout,
     moe_a2a_get_workspace_size_per_rank,
@@ -279,7 +279,8 @@ def test_engine_call_forms_run(fake):
         ({"output_scalar_scale": "x"}, TypeError, "output_scalar_scale"),
         ({"sf_layout": 7}, ValueError, "sf_layout"),
         ({"output_dtype": "bf16"}, TypeError, "output_dtype"),
-        ({"active_rank_mask": 1}, NotImplementedError, "active_rank_mask"),
+        ({"active_rank_mask": 1}, ValueError, "enable_rank_mask=True"),
+        ({"active_rank_mask": 1.5}, TypeError, "active_rank_mask"),
         # Quantised outputs: every check before the round's launch.
         ({**_q("mxfp8"), "output_scalar_scale": 2.0}, ValueError, "global scale of NVFP4"),
         ({**_q("nvfp4"), "output_scalar_scale": 0.0}, ValueError, "finite and positive"),
@@ -394,12 +395,53 @@ def test_quantised_outputs_reach_the_launch(fake, kind, layout, given):
     assert a.phase == "idle"
 
 
-def test_dispatch_refuses_a_mask_that_excludes_ranks(fake):
+def test_a_mask_that_excludes_ranks_needs_enable_rank_mask(fake):
     a = _instance()
     experts, hidden = _inputs(4, 2)
-    with pytest.raises(NotImplementedError, match="active_rank_mask"):
+    with pytest.raises(MoeA2AArgumentError, match="enable_rank_mask=True"):
         a.dispatch(experts, [hidden], M, active_rank_mask=torch.tensor([1]))
     assert fake.calls == [] and a.phase == "idle"
+    masked = MoeAlltoAll(Mapping(W, 0, tp_size=W, moe_ep_size=W), M, 2, EXPERTS, ROW,
+                         enable_rank_mask=True)  # fmt: skip
+    masked.dispatch(
+        experts, [hidden], M, active_rank_mask=fusedcomm.moe_a2a_active_rank_mask([0], W)
+    )
+    assert list(fake.args[0]) == [1]  # the record of the fake workspace, plus the mask
+    with pytest.raises(MoeA2ACheckError, match="must be the dispatch's"):
+        masked.combine(_payload(), M)
+    masked.combine(_payload(), M, active_rank_mask=1)
+    assert list(fake.combine[1]) == [1] and masked.phase == "idle"
+
+
+def test_active_rank_masks_are_checked_and_reach_the_launch(fake):
+    ws, metainfo = _register(rank=1)
+    experts, hidden = _inputs(4, 2)
+    args = (experts, [hidden], ws, metainfo, M, 1, W, 2, EXPERTS)
+    with pytest.raises(ValueError, match="must hold this rank"):
+        fusedcomm.moe_a2a_dispatch(*args, active_rank_mask=1)
+    with pytest.raises(TypeError, match="active_rank_mask"):
+        fusedcomm.moe_a2a_dispatch(*args, active_rank_mask=torch.tensor([1.0]))
+    with pytest.raises(TypeError, match="active_rank_mask"):
+        fusedcomm.moe_a2a_dispatch(*args, active_rank_mask=torch.tensor([1, 2]))
+    assert fake.calls == []
+    # Bits of ranks outside the group are ignored; every rank's bit: the plain record.
+    _, offset = fusedcomm.moe_a2a_dispatch(*args, active_rank_mask=0xFF)
+    assert fake.args[0] is None
+    _, offset = fusedcomm.moe_a2a_dispatch(*args, active_rank_mask=torch.tensor([2 | 8]))
+    assert list(fake.args[0]) == [2]
+    combine = (_payload(), 4, ws, metainfo, M, 1, W, 2, offset)
+    with pytest.raises(MoeA2ACheckError, match=r"\(every rank\) must be the dispatch's \(0x2\)"):
+        fusedcomm.moe_a2a_combine(*combine, active_rank_mask=3)
+    fusedcomm.moe_a2a_combine(*combine, active_rank_mask=2)
+    assert list(fake.combine[1]) == [2]
+
+
+def test_active_rank_mask_helper():
+    mask = fusedcomm.moe_a2a_active_rank_mask([0, 1, 3], 4)
+    assert mask.dtype == torch.uint64 and mask.device.type == "cpu" and mask.tolist() == [11]
+    assert fusedcomm.moe_a2a_active_rank_mask(torch.tensor([2]), 4).tolist() == [4]
+    with pytest.raises(ValueError, match="outside"):
+        fusedcomm.moe_a2a_active_rank_mask([4], 4)
 
 
 @pytest.mark.parametrize(
@@ -443,14 +485,14 @@ def test_eplb_local_stats_reach_the_launch(fake):
         )
 
 
-def test_checkpointing_and_rank_masks_raise_not_implemented(fake):
+def test_checkpointing_raises_not_implemented(fake):
     a = _instance()
     with pytest.raises(NotImplementedError, match="checkpoint"):
         a.checkpoint_prepare()
     with pytest.raises(NotImplementedError, match="checkpoint"):
         a.checkpoint_restore(_FakeBackend())
-    with pytest.raises(NotImplementedError, match="enable_rank_mask"):
-        MoeAlltoAll(Mapping(W, 0, tp_size=W, moe_ep_size=W), M, 2, EXPERTS, None, HIDDEN, None,
-                    0, True)  # fmt: skip
+    masked = MoeAlltoAll(Mapping(W, 0, tp_size=W, moe_ep_size=W), M, 2, EXPERTS, None, HIDDEN,
+                         None, 0, True)  # fmt: skip
+    assert masked.enable_rank_mask
     with pytest.raises(ValueError, match="without an EPLB region"):
         a.eplb_gathered_stats  # noqa: B018

@@ -24,6 +24,7 @@ from .ops.allreduce_legacy import trtllm_custom_all_reduce
 from .ops.dcp_a2a import decode_cp_a2a_alltoall, decode_cp_a2a_init_workspace
 from .ops.lamport import trtllm_lamport_initialize, trtllm_lamport_initialize_all
 from .ops.moe_a2a import (
+    moe_a2a_active_rank_mask,
     moe_a2a_combine,
     moe_a2a_dispatch,
     moe_a2a_dropped_expert_ids,
@@ -135,6 +136,7 @@ __all__ = [
     "moe_a2a_dropped_expert_ids",
     "moe_a2a_get_workspace_size_per_rank",
     "moe_a2a_initialize",
+    "moe_a2a_active_rank_mask",
     "moe_a2a_sanitize_expert_ids",
     "moe_a2a_wrap_payload_tensor_in_workspace",
     "mpi_barrier",

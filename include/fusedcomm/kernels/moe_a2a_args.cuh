@@ -48,6 +48,9 @@ struct MoeA2ARows {
 };
 
 // The failure site of the family (see sync/wait.cuh): abort marks are flag values in the rows.
+// `active`: the ranks of this round (active_rank_mask; every rank by default). The others are
+// neither sent to nor waited for, and nothing they wrote into the own row is read; the failure
+// marks still go to every rank.
 struct MoeA2ASite {
   FailureState failure;
   MoeA2ARows rows;
@@ -55,8 +58,10 @@ struct MoeA2ASite {
   int32_t op;
   int32_t rank;
   int32_t world;
+  uint32_t active;
 
   __device__ __forceinline__ bool failed() const { return ld_volatile(failure.claim) != 0; }
+  __host__ __device__ __forceinline__ bool is_active(int q) const { return (active >> q) & 1u; }
   __device__ __forceinline__ bool peer_gave_up(int peer) const {
     const MoeA2ALayout& l = rows.layout;
     return ld_relaxed_sys(rows.flag(rank, l.dispatch_completion_flags(), peer)) == kA2AAborted ||

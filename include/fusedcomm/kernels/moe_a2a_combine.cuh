@@ -24,6 +24,8 @@
 //      [own rank], so the next dispatch may overwrite the rows.
 // The push writes only combine regions, which no rank reads before this round's flags: the
 // dispatch's release wait already ordered this round after every rank's reads of the last.
+// Ranks outside the round's active mask (the dispatch's) are neither pushed to, signalled nor
+// waited for.
 // kTopK: the compile-time top_k of a pairwise tree; 0: any top_k, summed sequentially.
 // kWire: the rows are on the low-precision wire (each slot: H E4M3 codes, then H/32 UE8M0
 // scales, MXFP8 of the payload row; kernels/moe_a2a_quantize.cuh writes them into the own
@@ -209,7 +211,7 @@ __device__ __forceinline__ bool moe_push_rows(const MoeCombineArgs& a, int32_t* 
     for (int s = 0; s < world; ++s) {
       s_first[s] = total;
       const int64_t n = counts[s] < a.max_tokens ? counts[s] : a.max_tokens;
-      total += s == rank || n < 0 ? 0 : n;
+      total += s == rank || n < 0 || !a.site.is_active(s) ? 0 : n;
     }
     s_first[world] = total;
   }
@@ -281,7 +283,7 @@ __global__ void __launch_bounds__(kThreads) moe_a2a_combine(MoeCombineArgs a) {
           ? moe_push_rows<kThreads>(a, claims, rows.at<int32_t>(rank, l.combine_done()))
           : moe_first_arrival(claims);
   const uint32_t mode = kWire ? kLowBit : a.payload != nullptr ? kPushBit : 0u;
-  if (signal && threadIdx.x < world) {
+  if (signal && threadIdx.x < world && site.is_active(threadIdx.x)) {
     if (a.payload == nullptr) __threadfence_system();
     flag_store<MemOrder::kRelease>(rows.flag(threadIdx.x, l.combine_completion_flags(), rank),
                                    v | mode);
@@ -315,7 +317,7 @@ __global__ void __launch_bounds__(kThreads) moe_a2a_combine(MoeCombineArgs a) {
   // 3. Done reading the rows of this round (every block has arrived: none takes a claim any
   //    more, so the counters are reset for the next combine).
   if (!moe_last_arrival(arrivals, gridDim.x)) return;
-  if (threadIdx.x < world) {
+  if (threadIdx.x < world && site.is_active(threadIdx.x)) {
     flag_store<MemOrder::kRelaxed>(rows.flag(threadIdx.x, l.release_flags(), rank), v);
   }
   if (threadIdx.x == 0) {

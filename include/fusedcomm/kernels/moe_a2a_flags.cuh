@@ -36,9 +36,15 @@ constexpr int kStepBits = 8;
 constexpr uint32_t kStepMask = (1u << kStepBits) - 1;
 constexpr uint32_t kRoundTagMask = kFlagValueMask >> kStepBits;
 
-__host__ __device__ constexpr uint32_t dispatch_flag(uint32_t v, int64_t max_tokens) {
-  return (static_cast<uint32_t>(static_cast<uint64_t>(max_tokens) & kRoundTagMask) << kStepBits) |
-         (v & kStepMask);
+// The round's tag: R plus an odd multiple of the active mask (16 bits), modulo 2^22. Ranks with
+// the same R and different masks always get different tags (the multiplier is invertible).
+constexpr uint32_t kMaskTagFactor = 0x2545fu;
+
+__host__ __device__ constexpr uint32_t dispatch_flag(uint32_t v, int64_t max_tokens,
+                                                     uint32_t active = 0xffffu) {
+  const uint64_t tag =
+      static_cast<uint64_t>(max_tokens) + uint64_t{active & 0xffffu} * kMaskTagFactor;
+  return (static_cast<uint32_t>(tag & kRoundTagMask) << kStepBits) | (v & kStepMask);
 }
 
 // Whether `seen` is a peer's flag of the same step as `want` (equal on `step` bits) and no
@@ -50,8 +56,9 @@ __host__ __device__ constexpr bool same_step(uint32_t seen, uint32_t want, uint3
 static_assert(dispatch_flag(kMaxFlagValue, -1) <= kFlagValueMask,
               "a dispatch flag never sets the push bit, so it is never the abort mark");
 static_assert(dispatch_flag(5, 7) != dispatch_flag(5, 8) &&
-                  dispatch_flag(6, 7) != dispatch_flag(5, 7),
-              "the step and the tag both show in a dispatch flag");
+                  dispatch_flag(6, 7) != dispatch_flag(5, 7) &&
+                  dispatch_flag(5, 7, 0x3u) != dispatch_flag(5, 7, 0x7u),
+              "the step, R and the active mask all show in a dispatch flag");
 static_assert((kA2AAborted & kFlagValueMask) > kMaxFlagValue,
               "the abort mark's value field must lie outside the flag values");
 static_assert((kMaxFlagValue | kPushBit | kLowBit) != kA2AAborted && kMaxFlagValue != kA2AAborted,

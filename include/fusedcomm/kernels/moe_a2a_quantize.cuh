@@ -62,7 +62,8 @@ __global__ void __launch_bounds__(kThreads) moe_a2a_wire(MoeCombineArgs a) {
   const int64_t hidden = a.row_bytes / 2;
   const QuantMxfp8 q0{nullptr, nullptr, SfLayout{kSfLinear, static_cast<int32_t>(hidden / 32)}};
   for (int64_t s = blockIdx.x; s < a.site.world * a.max_tokens; s += gridDim.x) {
-    if (s % a.max_tokens >= counts[s / a.max_tokens]) continue;  // the same in the whole block
+    const int src = static_cast<int>(s / a.max_tokens);  // the same in the whole block:
+    if (!a.site.is_active(src) || s % a.max_tokens >= counts[src]) continue;
     uint8_t* slot = region + s * a.row_bytes;
     Row<T, kPacks> row;
     load_row(row, a.payload != nullptr ? a.payload + s * a.row_bytes : slot, packs);

@@ -1,8 +1,8 @@
 """Checks of the MoE all-to-all frontends' round and API-extension arguments (ops/moe_a2a.py).
 
 The engines' call forms carry arguments beyond the seed API (output dtypes and scales, a low
-precision wire format, rank masks, EPLB statistics). What is implemented is checked here before
-any launch; what is not raises ``NotImplementedError`` naming the argument, so nothing is
+precision wire format, rank masks, EPLB statistics). Each is checked here before any launch;
+what is not implemented raises ``NotImplementedError`` naming the argument, so nothing is
 ignored. A combine must also repeat the dispatch it belongs to (the round of the workspace).
 """
 
@@ -48,25 +48,67 @@ def _eplb_stats(op: str, st: _Workspace, stats: Any) -> tuple[int, int]:
     return stats.data_ptr(), stats.numel()
 
 
-def _unsupported_extensions(op: str, st: _Workspace, mask: Any) -> None:
-    """Arguments of the API that this implementation does not provide: refused, never ignored."""
+def moe_a2a_active_rank_mask(active_ranks: Any, ep_size: int) -> torch.Tensor:
+    """The ``active_rank_mask`` of a round in which ``active_ranks`` (a sequence or 1-D tensor
+    of rank indices, each in ``[0, ep_size)``) take part: a CPU ``uint64 [1]`` tensor, bit ``q``
+    set for each active rank ``q``."""
+    if isinstance(ep_size, bool) or not isinstance(ep_size, int) or not 1 <= ep_size <= 64:
+        raise ValueError(f"moe_a2a_active_rank_mask: ep_size ({ep_size!r}) must be in [1, 64]")
+    bits = 0
+    for q in active_ranks.tolist() if isinstance(active_ranks, torch.Tensor) else active_ranks:
+        q = int(q)
+        if not 0 <= q < ep_size:
+            raise ValueError(f"moe_a2a_active_rank_mask: rank {q} is outside [0, {ep_size})")
+        bits |= 1 << q
+    return torch.tensor([bits], dtype=torch.uint64)
+
+
+def _active_mask(op: str, st: _Workspace, mask: Any) -> int | None:
+    """The ranks of a round from ``active_rank_mask`` (bit q: rank q takes part; bits of ranks
+    outside the group are ignored): None for every rank, else the mask, which must hold this
+    rank."""
     if mask is None:
-        return
+        return None
     full = (1 << st.world) - 1
     try:
-        bits = int(mask.item()) if isinstance(mask, torch.Tensor) else int(mask)
+        if isinstance(mask, torch.Tensor):
+            if mask.numel() != 1 or mask.dtype.is_floating_point or mask.dtype == torch.bool:
+                raise TypeError
+            bits = int(mask.reshape(-1)[0].item())
+        elif isinstance(mask, bool) or not isinstance(mask, int):
+            raise TypeError
+        else:
+            bits = int(mask)
     except (TypeError, ValueError, RuntimeError):
         raise TypeError(
-            f"{op}: active_rank_mask must be an integer or a one-element tensor"
+            f"{op}: active_rank_mask must be an integer or a one-element integer tensor "
+            "(moe_a2a_active_rank_mask builds one)"
         ) from None
-    if bits & full != full:
-        raise NotImplementedError(
-            f"{op}: active_rank_mask {bits:#x} excludes ranks; excluding ranks from a round is not "
-            f"implemented (a mask with all {st.world} ranks' bits, {full:#x}, is accepted)"
+    bits &= full
+    if not bits >> st.rank & 1:
+        raise ValueError(
+            f"{op}: active_rank_mask {bits:#x} must hold this rank (ep_rank {st.rank})"
         )
+    return None if bits == full else bits
 
 
-def _same_round(op: str, st: _Workspace, local: Any, top_k: Any, r: Any, offset: Any, owner: Any):
+def _record(st: _Workspace, mask: int | None):
+    """The launch entries' workspace record, with the round's active mask where it has one."""
+    if mask is None:
+        return st.record
+    key = ("active_rank_mask", mask)
+    record = st.plans.get(key)
+    if record is None:
+        from ._moe_a2a_state import _ffi_array
+
+        base = [int(v) for v in st.record] if st.record is not None else []
+        record = st.plans[key] = _ffi_array([*base, mask])
+    return record
+
+
+def _same_round(
+    op: str, st: _Workspace, local: Any, top_k: Any, r: Any, offset: Any, owner: Any, mask=None
+):
     """The combine repeats the last dispatch on this workspace (checked before any launch)."""
     last = st.round
     if last is None:
@@ -91,6 +133,15 @@ def _same_round(op: str, st: _Workspace, local: Any, top_k: Any, r: Any, offset:
         )
         diff = ", ".join(f"{n} {g} (dispatch: {w})" for n, g, w in zip(names, got, want) if g != w)
         raise MoeA2ACheckError(f"{op}: the combine must repeat its dispatch's arguments: {diff}")
+    if mask != last.mask:
+        raise MoeA2ACheckError(
+            f"{op}: active_rank_mask ({_mask_name(mask)}) must be the dispatch's "
+            f"({_mask_name(last.mask)})"
+        )
+
+
+def _mask_name(mask: int | None) -> str:
+    return "every rank" if mask is None else f"{mask:#x}"
 
 
 # Quantised combine outputs, by (output_dtype, output_scales.dtype) as the reference library

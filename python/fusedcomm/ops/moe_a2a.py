@@ -41,13 +41,15 @@ from ..runtime.moe_a2a_workspace import _int as _int
 from ._moe_a2a_extensions import (
     COMBINE_DTYPES,
     SF_LAYOUT_LINEAR,
+    _active_mask,
     _check_quantised,
     _check_wire,
     _combine_output_dtype,
     _eplb_stats,
     _quantised_output,
+    _record,
     _same_round,
-    _unsupported_extensions,
+    moe_a2a_active_rank_mask,
 )
 from ._moe_a2a_state import (
     MoeA2ACheckError,
@@ -65,6 +67,7 @@ from ._register import register_op, tracing
 
 __all__ = [
     "MoeA2ACheckError",
+    "moe_a2a_active_rank_mask",
     "moe_a2a_combine",
     "moe_a2a_dispatch",
     "moe_a2a_dropped_expert_ids",
@@ -228,8 +231,15 @@ def moe_a2a_dispatch(
     Ids outside ``[0, num_experts)`` are dropped and counted; with ``check_expert_ids=True``
     the call synchronises and raises ``ValueError`` when it dropped any (not capturable).
     ``enable_pdl``: programmatic dependent launch (default: on for SM90 and newer).
-    ``active_rank_mask``: None, or a mask with every rank's bit set (excluding ranks from a
-    round is not implemented: ``NotImplementedError``). ``eplb_local_stats``: int32 ``[n]``
+    ``active_rank_mask``: the ranks of this round (None: every rank), an int or a one-element
+    integer tensor (:func:`moe_a2a_active_rank_mask`), bit ``q`` for rank ``q``, this rank's
+    included. Ranks outside it are considered gone: tokens routed to their experts are not sent
+    (their pairs send nothing and add nothing in the combine; not counted as dropped ids), they
+    are neither signalled nor waited for, and nothing they write into this rank's row is read
+    (their recv counts read 0; their EPLB rows are stale). Every rank of the round must pass
+    the same mask (a rank of the round with another one fails it on every rank) and repeat it
+    in the combine; a rank that comes back needs the workspace re-initialised on every rank
+    first. ``eplb_local_stats``: int32 ``[n]``
     (``n`` at most the ``eplb_stats_num_experts`` of initialisation) on the workspace's device;
     every rank's lands in row ``rank`` of every rank's EPLB region during the dispatch
     (:func:`moe_a2a_eplb_gathered_stats`); the return value stays the 2-tuple. The next :func:`moe_a2a_combine` on this workspace must repeat
@@ -254,7 +264,7 @@ def moe_a2a_dispatch(
         )
     op = "moe_a2a_dispatch"
     st = _state(op, workspace, ep_rank, metainfo)
-    _unsupported_extensions(op, st, active_rank_mask)
+    mask = _active_mask(op, st, active_rank_mask)
     eplb_ptr, eplb_count = _eplb_stats(op, st, eplb_local_stats)
     if st.round is not None and st.round.owner is not _owner and st.round.owner is not None:
         raise MoeA2ACheckError(
@@ -297,7 +307,7 @@ def moe_a2a_dispatch(
     pdl = _pdl_default(st.device) if enable_pdl is None else bool(enable_pdl)
     _module().moe_a2a_dispatch_launch(
         experts,
-        st.record,
+        _record(st, mask),
         st.dropped.data_ptr(),
         num_experts,
         runtime_max_tokens_per_rank,
@@ -307,7 +317,7 @@ def moe_a2a_dispatch(
         pdl,
     )
     st.round = _Round(
-        experts.size(0), top_k, runtime_max_tokens_per_rank, plan.combine_offset, _owner
+        experts.size(0), top_k, runtime_max_tokens_per_rank, plan.combine_offset, _owner, mask
     )
     if check_expert_ids:
         _raise_on_dropped(op, st, before, num_experts)
@@ -494,8 +504,8 @@ def moe_a2a_combine(
     most 2^-4 of the value plus 2^-10 of its block's scale (docs/moe-a2a.md;
     ``reference.moe_a2a.combine_low_precision_reference`` gives the exact bits). Every rank of
     a round must pass the same ``use_low_precision`` (a rank that differs fails the round on
-    every rank). Not combined with quantised outputs. ``active_rank_mask``: as in
-    :func:`moe_a2a_dispatch`.
+    every rank). Not combined with quantised outputs. ``active_rank_mask``: the dispatch's (as
+    in :func:`moe_a2a_dispatch`; another mask raises :class:`MoeA2ACheckError`).
     """
     if tracing():
         return _untraced_moe_a2a_combine(
@@ -521,7 +531,7 @@ def moe_a2a_combine(
         )
     op = "moe_a2a_combine"
     st = _state(op, workspace, ep_rank, metainfo)
-    _unsupported_extensions(op, st, active_rank_mask)
+    mask = _active_mask(op, st, active_rank_mask)
     spec = _combine_output_dtype(
         op, payload, output_dtype, output_scales, output_scalar_scale, sf_layout, use_low_precision
     )
@@ -557,7 +567,7 @@ def moe_a2a_combine(
         if key is not None:
             st.plans[key] = True
     _same_round(op, st, local_num_tokens, top_k, runtime_max_tokens_per_rank,
-                combine_payload_offset, _owner)  # fmt: skip
+                combine_payload_offset, _owner, mask)  # fmt: skip
     if in_workspace:
         if payload.data_ptr() != st.own_row + combine_payload_offset or not payload.is_contiguous():
             raise MoeA2ACheckError(
@@ -580,7 +590,7 @@ def moe_a2a_combine(
     pdl = _pdl_default(st.device) if enable_pdl is None else bool(enable_pdl)
     _module().moe_a2a_combine_launch(
         out,
-        st.record,
+        _record(st, mask),
         0 if in_workspace else payload.data_ptr(),
         top_k,
         runtime_max_tokens_per_rank,
