@@ -83,6 +83,8 @@ class MoeAlltoAll:
     workspace per process (and the ``timeout_s`` of the first of them, which creates it).
     ``timeout_s`` bounds every wait for a peer; ``check_expert_ids``
     makes each dispatch synchronise and raise on expert ids outside ``[0, num_experts)``.
+    ``enable_rank_mask=True`` lets rounds exclude ranks (``active_rank_mask`` of dispatch and
+    combine; docs/moe-a2a.md).
     """
 
     _WORKSPACE_CACHE: ClassVar[dict[tuple[int, ...], dict]] = {}
