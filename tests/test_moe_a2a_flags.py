@@ -96,3 +96,38 @@ def test_dispatch_flags_tell_steps_and_round_sizes_apart(tmp_path):
         assert f not in (f1, f2) and not step1 and not step2, "an earlier round looks current"
         assert g != f and step_g, "another R in the same step is not told apart"
         assert not step_abort, "the abort mark must read as an abort, not a mismatch"
+
+
+def test_dispatch_flags_tell_active_masks_apart(tmp_path):
+    # With the same step and R, every pair of distinct 16-bit masks gives another tag: a peer's
+    # flag then is the same step with another tag, a mismatch. Checked for every mask against
+    # a few others (all 2^16 masks, their neighbours one bit away and a fixed set) at several R.
+    out = run_host_program(
+        tmp_path,
+        "mask_flags",
+        "#include <cstdint>\n#include <cstdio>\n"
+        '#include "fusedcomm/kernels/moe_a2a_flags.cuh"\n'
+        "using namespace fusedcomm;\n"
+        "int main() {\n"
+        "  const int64_t rs[] = {1, 40, 4096, (int64_t{1} << 22) - 1};\n"
+        "  long bad = 0, checked = 0;\n"
+        "  for (int64_t r : rs) {\n"
+        "    for (uint32_t m = 1; m < (1u << 16); ++m) {\n"
+        "      const uint32_t f = dispatch_flag(7, r, m);\n"
+        "      if (f == kA2AAborted || (f & (kPushBit | kLowBit))) ++bad;\n"
+        "      for (int b = 0; b < 16; ++b) {\n"
+        "        const uint32_t g = dispatch_flag(7, r, m ^ (1u << b));\n"
+        "        ++checked;\n"
+        "        if (g == f || !same_step(g, f, kStepMask)) ++bad;\n"
+        "      }\n"
+        "      const uint32_t h = dispatch_flag(7, r, 0xffffu & ~m);\n"
+        "      ++checked;\n"
+        "      if (h == f || !same_step(h, f, kStepMask)) ++bad;\n"
+        "    }\n"
+        "  }\n"
+        '  std::printf("%ld %ld\\n", bad, checked);\n'
+        "  return 0;\n"
+        "}\n",
+    )
+    bad, checked = (int(x) for x in out.split())
+    assert checked == 4 * 65535 * 17 and bad == 0
