@@ -5,12 +5,13 @@
 //   moe_a2a_describe() -> op, phases, limits
 //   moe_a2a_dispatch_launch(experts, ws, dropped, num_experts, R,
 //                           payloads [ptr, row stride, bytes] * n, eplb ptr, eplb count, pdl)
-//   moe_a2a_combine_launch(out, ws, payload (0: in the workspace), top_k, R, region, pdl)
-//   moe_a2a_sanitize_launch(ids, recv_counts, invalid_id, pdl)
+//   moe_a2a_combine_launch(out, ws, payload (0: in the workspace), top_k, R, region, wire, pdl)
+//     wire 1, 2: the low-precision wire from a float16 / bfloat16 payload (0: none)
 //   moe_a2a_clear_claim(device, claim): zero a failure claim word (recovery)
 // `ws` = [device, base, row stride, row bytes, world, rank, max_num_tokens, eplb experts, claim,
-// record, timeout ns]. Kernels run on the device of the entry's tensor and the caller's current
-// stream (which TVM-FFI sets from torch). Sizes are compared by division: nothing overflows.
+// record, timeout ns(, the round's active rank mask)]. (Sanitize: csrc/moe_a2a_sanitize.cu.)
+// Kernels run on the device of the entry's tensor and the caller's current stream (which TVM-FFI
+// sets from torch). Sizes are compared by division: nothing overflows.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -45,7 +46,7 @@ int sm_count(int device, const char* op) {
 }
 
 Workspace workspace_of(const ffi::Array<int64_t>& ws, const char* op) {
-  FC_CHECK_VALUE(ws.size() == kWsFields, op)
+  FC_CHECK_VALUE(ws.size() == kWsFields || ws.size() == kWsFields + 1, op)
       << "internal: workspace record of " << ws.size() << " fields, expected " << kWsFields;
   Workspace w{};
   w.device = static_cast<int>(ws[0]);
@@ -77,6 +78,9 @@ Workspace workspace_of(const ffi::Array<int64_t>& ws, const char* op) {
       << "internal: the workspace has no failure state";
   s.timeout_ns = static_cast<uint64_t>(ws[10]);
   s.op = kOpMoeA2A;
+  const uint32_t all = static_cast<uint32_t>((uint64_t{1} << s.world) - 1);
+  s.active = ws.size() > kWsFields ? static_cast<uint32_t>(ws[kWsFields]) & all : all;
+  FC_CHECK_VALUE(s.is_active(s.rank), op) << "active_rank_mask must hold ep_rank " << s.rank;
   return w;
 }
 
@@ -182,7 +186,8 @@ void moe_a2a_dispatch_launch(ffi::TensorView experts, ffi::Array<int64_t> ws, in
 }
 
 void moe_a2a_combine_launch(ffi::TensorView out, ffi::Array<int64_t> ws, int64_t payload,
-                            int64_t top_k, int64_t max_tokens, int64_t region, bool pdl) {
+                            int64_t top_k, int64_t max_tokens, int64_t region, int64_t wire,
+                            bool pdl) {
   constexpr const char* op = "moe_a2a_combine";
   Workspace w = workspace_of(ws, op);
   check_on_device(out, "the output", w.device, op);
@@ -195,6 +200,8 @@ void moe_a2a_combine_launch(ffi::TensorView out, ffi::Array<int64_t> ws, int64_t
   const int64_t local_tokens = out.shape()[0];
   const int64_t row_bytes = out.shape()[1] * (out.dtype().bits / 8);
   const int64_t dtype = dt == DType::kF16 ? 0 : dt == DType::kBF16 ? 1 : 2;
+  FC_CHECK_VALUE(!wire || (dtype == 1 && row_bytes % 64 == 0 && row_bytes <= 32768), op)
+      << "use_low_precision: hidden (" << row_bytes / 2 << ") must be a multiple of 32, <= 16384";
   const MoeA2ALayout& l = w.site.rows.layout;
   FC_CHECK_VALUE(top_k >= 1 && top_k <= MoeA2ALayout::kMaxTopK, op)
       << "top_k (" << top_k << ") must be in [1, " << MoeA2ALayout::kMaxTopK << "]";
@@ -246,6 +253,7 @@ void moe_a2a_combine_launch(ffi::TensorView out, ffi::Array<int64_t> ws, int64_t
   auto launch = dtype == 0   ? launch_moe_combine<CombineDType::kF16>
                 : dtype == 1 ? launch_moe_combine<CombineDType::kBF16>
                              : launch_moe_combine<CombineDType::kF32>;
+  if (wire) launch = wire == 2 ? launch_moe_combine_wire<true> : launch_moe_combine_wire<false>;
   FC_CUDA_CHECK(launch(a, blocks, sms, pdl, stream), op);
 }
 
@@ -258,38 +266,9 @@ void moe_a2a_clear_claim(int64_t device, int64_t claim) {
   FC_CUDA_CHECK(cudaMemset(reinterpret_cast<void*>(claim), 0, sizeof(int32_t)), op);
 }
 
-void moe_a2a_sanitize_launch(ffi::TensorView ids, int64_t recv_counts, int64_t invalid_id,
-                             bool pdl) {
-  constexpr const char* op = "moe_a2a_sanitize_expert_ids";
-  FC_CHECK_TYPE(is_int32(ids), op) << "expert_ids must be int32";
-  FC_CHECK_VALUE(ids.ndim() == 3 && recv_counts != 0, op)
-      << "expert_ids must be an [ep_size, R, top_k] tensor";
-  const int64_t world = ids.shape()[0], max_tokens = ids.shape()[1], top_k = ids.shape()[2];
-  const int device = ids.device().device_id;
-  FC_CHECK_VALUE(invalid_id >= INT32_MIN && invalid_id <= INT32_MAX, op)
-      << "invalid_expert_id (" << invalid_id << ") must fit int32";
-  MoeSanitizeArgs a{};
-  a.recv_counts = reinterpret_cast<const int32_t*>(recv_counts);
-  a.ids = static_cast<int32_t*>(data_of(ids));
-  a.stride_src = ids.strides()[0];
-  a.stride_slot = ids.strides()[1];
-  a.stride_k = ids.strides()[2];
-  a.world = static_cast<int32_t>(world);
-  a.top_k = static_cast<int32_t>(top_k);
-  a.max_tokens = max_tokens;
-  a.invalid_id = static_cast<int32_t>(invalid_id);
-  const int64_t n = world * max_tokens * top_k;
-  if (n == 0) return;
-  DeviceScope scope(device, op);
-  const int64_t cap = int64_t{sm_count(device, op)} * 4;
-  const int64_t blocks = std::min<int64_t>(cap, (n + kMoeA2AThreads - 1) / kMoeA2AThreads);
-  FC_CUDA_CHECK(launch_moe_sanitize(a, static_cast<int>(blocks), pdl, stream_for(device)), op);
-}
-
 }  // namespace fusedcomm
 
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(moe_a2a_describe, fusedcomm::moe_a2a_describe);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(moe_a2a_dispatch_launch, fusedcomm::moe_a2a_dispatch_launch);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(moe_a2a_combine_launch, fusedcomm::moe_a2a_combine_launch);
-TVM_FFI_DLL_EXPORT_TYPED_FUNC(moe_a2a_sanitize_launch, fusedcomm::moe_a2a_sanitize_launch);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(moe_a2a_clear_claim, fusedcomm::moe_a2a_clear_claim);

@@ -2,7 +2,8 @@
 // units (moe_a2a_kernels.cu, one per part, compiled in parallel into the same module).
 //
 // Part 0 holds dispatch and sanitize; parts 1, 2, 3 the combine kernels of float16, bfloat16
-// and float32 (every pairwise-tree top_k and the sequential one). The JIT spec
+// and float32 (every pairwise-tree top_k and the sequential one); part 4 the low-precision
+// wire (its staging kernel and the bfloat16 combine kernels that read it). The JIT spec
 // (python/fusedcomm/jit/moe_a2a.py) lists one unit per part.
 #pragma once
 #include <cuda_runtime.h>
@@ -11,7 +12,7 @@
 
 namespace fusedcomm {
 
-constexpr int kMoeA2AParts = 4;
+constexpr int kMoeA2AParts = 5;
 constexpr int kMoeA2AThreads = 256;  // per block, every kernel of the family
 
 enum class CombineDType : int { kF16 = 0, kBF16 = 1, kF32 = 2 };
@@ -32,6 +33,13 @@ cudaError_t launch_moe_sanitize(const MoeSanitizeArgs& a, int blocks, bool pdl,
 template <CombineDType kD>
 cudaError_t launch_moe_combine(const MoeCombineArgs& a, int want, int sms, bool pdl,
                                cudaStream_t stream);
+
+// The combine on the low-precision wire: the staging kernel (kernels/moe_a2a_quantize.cuh)
+// writes the payload's MXFP8 rows into the own combine region, then the combine pulls them
+// (`want` blocks, capped as above); kBf16Payload: the payload's dtype (else float16).
+template <bool kBf16Payload>
+cudaError_t launch_moe_combine_wire(const MoeCombineArgs& a, int want, int sms, bool pdl,
+                                    cudaStream_t stream);
 
 // A launch with the family's block size and the PDL attribute.
 template <typename Args>

@@ -179,8 +179,13 @@ def test_jit_parts_equal_the_header():
     found = re.findall(r"constexpr\s+int\s+kMoeA2AParts\s*=\s*(\d+)\s*;", text)
     assert len(found) == 1, "csrc/moe_a2a.h must define kMoeA2AParts once"
     assert jit_moe_a2a.PARTS == int(found[0])
-    units = jit_moe_a2a.spec().units
-    assert len(units) == 1 + jit_moe_a2a.PARTS
+    units = [u.source for u in jit_moe_a2a.spec().units]
+    assert units.count("moe_a2a_kernels.cu") == jit_moe_a2a.PARTS
+    assert sorted(set(units) - {"moe_a2a_kernels.cu"}) == [
+        "moe_a2a.cu",
+        "moe_a2a_quant.cu",
+        "moe_a2a_sanitize.cu",
+    ]
 
 
 def _f32_bits(x: float) -> int:

@@ -96,9 +96,9 @@ def _rank_wrap(rank, world):
         _mapping(rank, world), MAX_TOKENS, TOP_K, EXPERTS, hidden_size=HIDDEN, timeout_s=TIMEOUT_S
     )
     _round(f, "fresh round", a2a, rank, world, 1)
-    # Two starts of either parity a few values below the top of the 31-bit field: some push
+    # Two starts of either parity a few values below the top of the 30-bit field: some push
     # combine of the eight ops after either start takes the largest values the field holds.
-    for start in (0x7FFFFFFA, 0x7FFFFFFB):
+    for start in (0x3FFFFFFA, 0x3FFFFFFB):
         a2a.reset()
         _set_flag_counter(a2a, rank, start)
         for i, pull in enumerate((False, False, True, False)):
@@ -278,7 +278,9 @@ def _rank_checks(rank, world):
     wide = torch.empty(0, 1 << 60, dtype=torch.bfloat16, device="cuda")
     start = int(a2a.metainfo[8])  # the first byte of the payload data: a valid region start
     try:
-        _ws_state._module().moe_a2a_combine_launch(wide, st.record, 0, TOP_K, TOKENS, start, False)
+        _ws_state._module().moe_a2a_combine_launch(
+            wide, st.record, 0, TOP_K, TOKENS, start, 0, False
+        )
         f.check(False, "an overflowing combine region passed the bounds check")
     except ValueError as e:
         f.check("does not fit" in str(e), f"overflow: message {e}")

@@ -14,7 +14,7 @@ from fusedcomm import Mapping, MoeAlltoAll
 from fusedcomm.ops import _moe_a2a_state as state
 from fusedcomm.ops import moe_a2a as a2a_ops
 from fusedcomm.ops.moe_a2a import MoeA2ACheckError
-from fusedcomm.ops.moe_alltoall import MoeA2AStateError
+from fusedcomm.ops.moe_alltoall import MoeA2AArgumentError, MoeA2AStateError
 from fusedcomm.runtime.moe_a2a_workspace import (
     MoeA2ALayout,
     moe_a2a_get_workspace_size_per_rank,
@@ -45,10 +45,15 @@ class _FakeModule:
 
     def moe_a2a_combine_launch(self, out, *args):
         self.calls.append("combine")
+        self.combine = (out, *args)
         out.copy_(torch.arange(out.numel(), dtype=torch.float32).view(out.shape) / 3)
 
     def moe_a2a_sanitize_launch(self, *args):
         self.calls.append("sanitize")
+
+    def moe_a2a_quantize_launch(self, rows, out, scales, *args):
+        self.calls.append("quantize")
+        self.quantize = (rows, out, scales, *args)
 
 
 class _FakeBackend:
@@ -107,6 +112,18 @@ def _instance(top_k=2):
 
 def _payload(r=M, dtype=torch.bfloat16):
     return torch.randn(W, r, HIDDEN).to(dtype)
+
+
+def _q(kind, rows=4, layout=2):
+    """Keyword arguments of a quantised combine output of `rows` tokens (hidden HIDDEN)."""
+    from fusedcomm.reference.quant import scale_factor_buffer_size
+
+    block = 16 if kind == "nvfp4" else 32
+    sf_dtype = torch.float8_e4m3fn if kind == "nvfp4" else torch.uint8
+    n = scale_factor_buffer_size(rows, HIDDEN // block, layout)
+    out_dtype = torch.float8_e4m3fn if kind == "mxfp8" else torch.uint8
+    return {"output_dtype": out_dtype, "sf_layout": layout,
+            "output_scales": torch.zeros(n, dtype=torch.uint8).view(sf_dtype)}  # fmt: skip
 
 
 # --- the round is the workspace's --------------------------------------------------------------
@@ -249,16 +266,35 @@ def test_engine_call_forms_run(fake):
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"use_low_precision": True}, NotImplementedError, "use_low_precision"),
-        ({"output_dtype": torch.float8_e4m3fn}, NotImplementedError, "output_dtype"),
-        ({"output_dtype": torch.uint8}, NotImplementedError, "output_dtype"),
-        ({"output_scales": torch.zeros(4, 4)}, NotImplementedError, "output_scales"),
-        ({"output_scalar_scale": 0.5}, NotImplementedError, "output_scalar_scale"),
+        ({"use_low_precision": "yes"}, TypeError, "use_low_precision"),
+        ({"use_low_precision": True, **_q("mxfp8")}, NotImplementedError, "quantised output"),
+        ({"use_low_precision": True, "output_scalar_scale": 2.0}, ValueError, "1.0"),
+        ({"output_dtype": torch.float8_e4m3fn}, ValueError, "needs output_scales"),
+        ({"output_dtype": torch.uint8}, ValueError, "needs output_scales"),
+        ({"output_dtype": torch.int8}, NotImplementedError, "output_dtype"),
+        ({"output_scales": torch.zeros(4, 4)}, TypeError, "output_scales"),
+        ({"output_dtype": torch.uint8, "output_scales": torch.zeros(4, 4)}, TypeError,
+         "output_scales"),
+        ({"output_scalar_scale": 0.5}, ValueError, "output_scalar_scale"),
+        ({"output_scalar_scale": "x"}, TypeError, "output_scalar_scale"),
         ({"sf_layout": 7}, ValueError, "sf_layout"),
         ({"output_dtype": "bf16"}, TypeError, "output_dtype"),
-        ({"active_rank_mask": 1}, NotImplementedError, "active_rank_mask"),
+        ({"active_rank_mask": 1}, ValueError, "enable_rank_mask=True"),
+        ({"active_rank_mask": 1.5}, TypeError, "active_rank_mask"),
+        # Quantised outputs: every check before the round's launch.
+        ({**_q("mxfp8"), "output_scalar_scale": 2.0}, ValueError, "global scale of NVFP4"),
+        ({**_q("nvfp4"), "output_scalar_scale": 0.0}, ValueError, "finite and positive"),
+        ({**_q("nvfp4"), "output_scalar_scale": float("inf")}, ValueError, "finite"),
+        ({**_q("nvfp4", rows=5)}, ValueError, "exactly 16 scale bytes"),
+        ({**_q("mxfp8", rows=200, layout=0)}, ValueError, "exactly 512 scale bytes"),
+        ({**_q("mxfp4"), "output": torch.empty(4, HIDDEN, dtype=torch.uint8)}, ValueError,
+         r"\[4, 32\] torch.uint8"),
+        ({**_q("mxfp8"), "output": torch.empty(4, HIDDEN, dtype=torch.uint8)}, ValueError,
+         "float8_e4m3fn"),
+        ({**_q("nvfp4"), "output_scales": torch.zeros(4, 8, dtype=torch.uint8)[:, ::2]},
+         ValueError, "contiguous"),
     ],
-)
+)  # fmt: skip
 def test_combine_arguments_not_implemented_are_refused(fake, kwargs, error, match):
     a = _instance()
     experts, hidden = _inputs(4, 2)
@@ -270,12 +306,142 @@ def test_combine_arguments_not_implemented_are_refused(fake, kwargs, error, matc
     a.combine(_payload(), M)
 
 
-def test_dispatch_refuses_a_mask_that_excludes_ranks(fake):
+@pytest.mark.parametrize(
+    ("kind", "dtype", "error", "match"),
+    [
+        ("nvfp4", torch.float32, TypeError, "float16 or bfloat16 payload"),
+        ("mxfp8", torch.float32, TypeError, "float16 or bfloat16 payload"),
+    ],
+)
+def test_quantised_outputs_need_a_16_bit_payload(fake, kind, dtype, error, match):
     a = _instance()
     experts, hidden = _inputs(4, 2)
-    with pytest.raises(NotImplementedError, match="active_rank_mask"):
+    a.dispatch(experts, [hidden], M)
+    with pytest.raises(error, match=match):
+        a.combine(_payload(dtype=dtype), M, **_q(kind))
+    assert fake.calls == ["dispatch"]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "output_dtype", "wire", "want"),
+    [
+        (torch.bfloat16, None, 2, torch.bfloat16),
+        (torch.float16, None, 1, torch.bfloat16),
+        (torch.bfloat16, torch.float32, 2, torch.float32),
+        (torch.float16, torch.float16, 1, torch.float16),
+    ],
+)
+def test_low_precision_reaches_the_launch(fake, dtype, output_dtype, wire, want):
+    a = _instance()
+    experts, hidden = _inputs(4, 2)
+    a.dispatch(experts, [hidden], M)
+    got = a.combine(_payload(dtype=dtype), M, output_dtype=output_dtype, use_low_precision=True)
+    assert got.dtype == want and got.shape == (4, HIDDEN)
+    out, *args = fake.combine
+    assert out.dtype == torch.bfloat16  # the kernel's sum, converted where asked
+    assert args[-2] == wire and args[1] != 0  # the payload pointer: staged from the tensor
+    assert fake.calls == ["dispatch", "combine"] and a.phase == "idle"
+
+
+def test_low_precision_needs_a_16_bit_payload_and_hidden_a_multiple_of_32(fake):
+    a = _instance()
+    experts, hidden = _inputs(4, 2)
+    a.dispatch(experts, [hidden], M)
+    with pytest.raises(TypeError, match="float16 or bfloat16"):
+        a.combine(_payload(dtype=torch.float32), M, use_low_precision=True)
+    ws, metainfo = _register(rank=1)
+    _, offset = fusedcomm.moe_a2a_dispatch(experts, [hidden], ws, metainfo, M, 1, W, 2, EXPERTS)
+    payload = torch.randn(W, M, 48).bfloat16()
+    with pytest.raises(ValueError, match="multiple of 32"):
+        fusedcomm.moe_a2a_combine(payload, 4, ws, metainfo, M, 1, W, 2, offset,
+                                  use_low_precision=True)  # fmt: skip
+    assert fake.calls == ["dispatch", "dispatch"]
+
+
+def test_mx_outputs_need_hidden_a_multiple_of_32(fake):
+    ws, metainfo = _register()
+    experts, hidden = _inputs(4, 2)
+    _, offset = fusedcomm.moe_a2a_dispatch(experts, [hidden], ws, metainfo, M, 0, W, 2, EXPERTS)
+    payload = torch.randn(W, M, 48).bfloat16()
+    sf = torch.zeros(4, 1, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        fusedcomm.moe_a2a_combine(payload, 4, ws, metainfo, M, 0, W, 2, offset, False,
+                                  torch.float8_e4m3fn, sf)  # fmt: skip
+    assert fake.calls == ["dispatch"]
+
+
+@pytest.mark.parametrize("layout", [0, 1, 2])
+@pytest.mark.parametrize("kind", ["nvfp4", "mxfp8", "mxfp4"])
+@pytest.mark.parametrize("given", [False, True])
+def test_quantised_outputs_reach_the_launch(fake, kind, layout, given):
+    a = _instance()
+    experts, hidden = _inputs(4, 2)
+    a.dispatch(experts, [hidden], M)
+    q = _q(kind, layout=layout)
+    width = HIDDEN if kind == "mxfp8" else HIDDEN // 2
+    out = torch.empty(4, width, dtype=q["output_dtype"]) if given else None
+    g = 0.75 if kind == "nvfp4" else 1.0
+    # The reference's positional form: output_dtype, output_scales, output_scalar_scale,
+    # sf_layout, output.
+    got = a.combine(_payload(), M, False, q["output_dtype"], q["output_scales"], g, layout, out)
+    assert got.shape == (4, width) and got.dtype == q["output_dtype"]
+    assert out is None or got is out
+    assert fake.calls == ["dispatch", "combine", "quantize"]
+    rows, target, scales, mode, sf_layout, scalar, _pdl = fake.quantize
+    assert rows.shape == (4, HIDDEN) and rows.dtype == torch.bfloat16  # the combine's sum
+    assert target.data_ptr() == got.data_ptr() and target.dtype == torch.uint8
+    assert scales.data_ptr() == q["output_scales"].data_ptr() and scales.dtype == torch.uint8
+    assert (mode, sf_layout, scalar) == ({"nvfp4": 0, "mxfp8": 1, "mxfp4": 2}[kind], layout, g)
+    assert a.phase == "idle"
+
+
+def test_a_mask_that_excludes_ranks_needs_enable_rank_mask(fake):
+    a = _instance()
+    experts, hidden = _inputs(4, 2)
+    with pytest.raises(MoeA2AArgumentError, match="enable_rank_mask=True"):
         a.dispatch(experts, [hidden], M, active_rank_mask=torch.tensor([1]))
     assert fake.calls == [] and a.phase == "idle"
+    masked = MoeAlltoAll(Mapping(W, 0, tp_size=W, moe_ep_size=W), M, 2, EXPERTS, ROW,
+                         enable_rank_mask=True)  # fmt: skip
+    masked.dispatch(
+        experts, [hidden], M, active_rank_mask=fusedcomm.moe_a2a_active_rank_mask([0], W)
+    )
+    assert list(fake.args[0]) == [1]  # the record of the fake workspace, plus the mask
+    with pytest.raises(MoeA2ACheckError, match="must be the dispatch's"):
+        masked.combine(_payload(), M)
+    masked.combine(_payload(), M, active_rank_mask=1)
+    assert list(fake.combine[1]) == [1] and masked.phase == "idle"
+
+
+def test_active_rank_masks_are_checked_and_reach_the_launch(fake):
+    ws, metainfo = _register(rank=1)
+    experts, hidden = _inputs(4, 2)
+    args = (experts, [hidden], ws, metainfo, M, 1, W, 2, EXPERTS)
+    with pytest.raises(ValueError, match="must hold this rank"):
+        fusedcomm.moe_a2a_dispatch(*args, active_rank_mask=1)
+    with pytest.raises(TypeError, match="active_rank_mask"):
+        fusedcomm.moe_a2a_dispatch(*args, active_rank_mask=torch.tensor([1.0]))
+    with pytest.raises(TypeError, match="active_rank_mask"):
+        fusedcomm.moe_a2a_dispatch(*args, active_rank_mask=torch.tensor([1, 2]))
+    assert fake.calls == []
+    # Bits of ranks outside the group are ignored; every rank's bit: the plain record.
+    _, offset = fusedcomm.moe_a2a_dispatch(*args, active_rank_mask=0xFF)
+    assert fake.args[0] is None
+    _, offset = fusedcomm.moe_a2a_dispatch(*args, active_rank_mask=torch.tensor([2 | 8]))
+    assert list(fake.args[0]) == [2]
+    combine = (_payload(), 4, ws, metainfo, M, 1, W, 2, offset)
+    with pytest.raises(MoeA2ACheckError, match=r"\(every rank\) must be the dispatch's \(0x2\)"):
+        fusedcomm.moe_a2a_combine(*combine, active_rank_mask=3)
+    fusedcomm.moe_a2a_combine(*combine, active_rank_mask=2)
+    assert list(fake.combine[1]) == [2]
+
+
+def test_active_rank_mask_helper():
+    mask = fusedcomm.moe_a2a_active_rank_mask([0, 1, 3], 4)
+    assert mask.dtype == torch.uint64 and mask.device.type == "cpu" and mask.tolist() == [11]
+    assert fusedcomm.moe_a2a_active_rank_mask(torch.tensor([2]), 4).tolist() == [4]
+    with pytest.raises(ValueError, match="outside"):
+        fusedcomm.moe_a2a_active_rank_mask([4], 4)
 
 
 @pytest.mark.parametrize(
@@ -319,14 +485,14 @@ def test_eplb_local_stats_reach_the_launch(fake):
         )
 
 
-def test_checkpointing_and_rank_masks_raise_not_implemented(fake):
+def test_checkpointing_raises_not_implemented(fake):
     a = _instance()
     with pytest.raises(NotImplementedError, match="checkpoint"):
         a.checkpoint_prepare()
     with pytest.raises(NotImplementedError, match="checkpoint"):
         a.checkpoint_restore(_FakeBackend())
-    with pytest.raises(NotImplementedError, match="enable_rank_mask"):
-        MoeAlltoAll(Mapping(W, 0, tp_size=W, moe_ep_size=W), M, 2, EXPERTS, None, HIDDEN, None,
-                    0, True)  # fmt: skip
+    masked = MoeAlltoAll(Mapping(W, 0, tp_size=W, moe_ep_size=W), M, 2, EXPERTS, None, HIDDEN,
+                         None, 0, True)  # fmt: skip
+    assert masked.enable_rank_mask
     with pytest.raises(ValueError, match="without an EPLB region"):
         a.eplb_gathered_stats  # noqa: B018

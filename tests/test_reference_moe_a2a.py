@@ -376,3 +376,79 @@ def test_sanitize_overwrites_padding_only(gen):
     assert torch.equal(out[2, :2], ids[2, :2]) and (out[2, 2:] == -7).all()
     with pytest.raises(ValueError, match="R, top_k"):
         sanitize_reference(ids[0], counts, -1)
+
+
+# --- MX quantisation and the low-precision wire ----------------------------------------------
+
+
+def test_quantize_mx_by_hand():
+    from fusedcomm.reference.moe_a2a import dequantize_mx, quantize_mx
+
+    y = torch.zeros(1, 64, dtype=BF16)
+    y[0, 0], y[0, 1], y[0, 2] = 300.0, -1.0, 0.001  # block 0: max 300
+    y[0, 33] = 0.75  # block 1: max 0.75; block 2 would be all zeros (none here)
+    codes, sf = quantize_mx(y, "mxfp8")
+    # 300 / 448 = 0.67 -> rounded up to 2^0: byte 127; 0.75 / 448 -> 2^-9: byte 118.
+    assert sf.tolist() == [[127, 118]]
+    values = codes.float()[0]
+    assert values[0] == 288.0 and values[1] == -1.0  # E4M3 of 300 is 288 (step 32 at 256..448)
+    assert values[2] == 2.0**-9  # 0.001: the smallest subnormal (error <= 2^-10 s, s = 1)
+    assert values[33] * 2.0**-9 == pytest.approx(0.75)
+    back = dequantize_mx(codes, sf, "mxfp8")
+    assert back[0, 33] == 0.75 and back[0, 0] == 288.0
+    codes4, sf4 = quantize_mx(y, "mxfp4")
+    # 300 / 6 = 50 -> 2^6: byte 133; 0.75 / 6 = 0.125 -> 2^-3 (exact): byte 124.
+    assert sf4.tolist() == [[133, 124]] and codes4.shape == (1, 32)
+    back4 = dequantize_mx(codes4, sf4, "mxfp4")
+    assert back4[0, 0] == 256.0 and back4[0, 33] == 0.75  # 300/64 = 4.69 -> 4; 0.75*8 = 6
+
+
+def test_quantize_mx_all_zero_blocks_and_errors(gen):
+    from fusedcomm.reference.moe_a2a import dequantize_mx, quantize_mx
+
+    y = torch.zeros(2, 32, dtype=F16)
+    for kind in ("mxfp8", "mxfp4"):
+        codes, sf = quantize_mx(y, kind)
+        assert sf.tolist() == [[0], [0]]
+        assert not dequantize_mx(codes, sf, kind).any()
+    with pytest.raises(ValueError, match="multiple of 32"):
+        quantize_mx(torch.zeros(1, 48, dtype=BF16), "mxfp8")
+    with pytest.raises(ValueError, match="kind"):
+        quantize_mx(torch.zeros(1, 32, dtype=BF16), "nvfp4")
+
+
+def test_mxfp8_error_bound(gen):
+    """|x' - x| <= max(2^-4 |x|, 2^-10 s) for every value, s its block's scale (docs)."""
+    from fusedcomm.reference.moe_a2a import dequantize_mx, quantize_mx
+    from fusedcomm.reference.quant import ue8m0_decode
+
+    scale = torch.exp2(torch.randint(-20, 20, (64, 1), generator=gen).float())
+    y = (torch.randn(64, 256, generator=gen) * scale).to(BF16)
+    codes, sf = quantize_mx(y, "mxfp8")
+    err = (dequantize_mx(codes, sf, "mxfp8") - y.float()).abs()
+    s = ue8m0_decode(sf).repeat_interleave(32, dim=1)
+    assert bool((err <= torch.maximum(y.float().abs() * 2.0**-4, s * 2.0**-10)).all())
+    m = y.float().abs().reshape(64, 8, 32).amax(-1).repeat_interleave(32, dim=1)
+    assert bool((s < m / 224).all() & (s >= m / 448).all())
+
+
+def test_combine_low_precision_reference(gen):
+    from fusedcomm.reference.moe_a2a import (
+        combine_low_precision_reference,
+        dequantize_mx,
+        quantize_mx,
+    )
+
+    w, r, h = 2, 3, 64
+    payloads = [torch.randn(w, r, h, generator=gen).to(BF16) for _ in range(w)]
+    targets = [torch.tensor([[0, 1], [1, -1]], dtype=I32), torch.tensor([[1, 0]], dtype=I32)]
+    slots = [torch.tensor([[0, 2], [1, -1]], dtype=I32), torch.tensor([[0, 1]], dtype=I32)]
+    got = combine_low_precision_reference(payloads, targets, slots)
+
+    def wire(q, src, j):
+        codes, sf = quantize_mx(payloads[q][src, j][None], "mxfp8")
+        return dequantize_mx(codes, sf, "mxfp8")[0]
+
+    want0 = torch.stack([wire(0, 0, 0) + wire(1, 0, 2), wire(1, 0, 1)]).to(BF16)
+    want1 = (wire(1, 1, 0) + wire(0, 1, 1))[None].to(BF16)
+    assert got[0].dtype == BF16 and torch.equal(got[0], want0) and torch.equal(got[1], want1)

@@ -32,6 +32,7 @@ from .ops.mnnvl_allreduce import (
     trtllm_mnnvl_fused_allreduce_rmsnorm,
 )
 from .ops.moe_a2a import (
+    moe_a2a_active_rank_mask,
     moe_a2a_combine,
     moe_a2a_dispatch,
     moe_a2a_dropped_expert_ids,
@@ -157,6 +158,7 @@ __all__ = [
     "moe_a2a_dropped_expert_ids",
     "moe_a2a_get_workspace_size_per_rank",
     "moe_a2a_initialize",
+    "moe_a2a_active_rank_mask",
     "moe_a2a_sanitize_expert_ids",
     "moe_a2a_wrap_payload_tensor_in_workspace",
     "mpi_barrier",

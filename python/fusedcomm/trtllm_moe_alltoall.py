@@ -2,6 +2,7 @@
 (``<package>.trtllm_moe_alltoall``); the same objects as at the top level."""
 
 from .ops.moe_a2a import (
+    moe_a2a_active_rank_mask,
     moe_a2a_combine,
     moe_a2a_dispatch,
     moe_a2a_dropped_expert_ids,
@@ -16,6 +17,7 @@ from .runtime.moe_a2a_workspace import (
 
 __all__ = [
     "MoeAlltoAll",
+    "moe_a2a_active_rank_mask",
     "moe_a2a_combine",
     "moe_a2a_dispatch",
     "moe_a2a_dropped_expert_ids",

@@ -9,7 +9,8 @@
 //
 // Flag values (kernels/moe_a2a_flags.cuh): every dispatch and combine takes the next value of
 // its rank's own counter, 1 .. kMaxFlagValue then 1 again; a combine that pushes sets kPushBit
-// in its combine flags (kernels/moe_a2a_combine.cuh). The abort mark is no value of either kind.
+// in its combine flags, one on the low-precision wire kLowBit (kernels/moe_a2a_combine.cuh).
+// The abort mark is no value of any kind.
 #pragma once
 #include <cstdint>
 
@@ -47,6 +48,9 @@ struct MoeA2ARows {
 };
 
 // The failure site of the family (see sync/wait.cuh): abort marks are flag values in the rows.
+// `active`: the ranks of this round (active_rank_mask; every rank by default). The others are
+// neither sent to nor waited for, and nothing they wrote into the own row is read; the failure
+// marks still go to every rank.
 struct MoeA2ASite {
   FailureState failure;
   MoeA2ARows rows;
@@ -54,8 +58,10 @@ struct MoeA2ASite {
   int32_t op;
   int32_t rank;
   int32_t world;
+  uint32_t active;
 
   __device__ __forceinline__ bool failed() const { return ld_volatile(failure.claim) != 0; }
+  __host__ __device__ __forceinline__ bool is_active(int q) const { return (active >> q) & 1u; }
   __device__ __forceinline__ bool peer_gave_up(int peer) const {
     const MoeA2ALayout& l = rows.layout;
     return ld_relaxed_sys(rows.flag(rank, l.dispatch_completion_flags(), peer)) == kA2AAborted ||

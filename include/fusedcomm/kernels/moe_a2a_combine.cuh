@@ -24,8 +24,17 @@
 //      [own rank], so the next dispatch may overwrite the rows.
 // The push writes only combine regions, which no rank reads before this round's flags: the
 // dispatch's release wait already ordered this round after every rank's reads of the last.
+// Ranks outside the round's active mask (the dispatch's) are neither pushed to, signalled nor
+// waited for.
 // kTopK: the compile-time top_k of a pairwise tree; 0: any top_k, summed sequentially.
+// kWire: the rows are on the low-precision wire (each slot: H E4M3 codes, then H/32 UE8M0
+// scales, MXFP8 of the payload row; kernels/moe_a2a_quantize.cuh writes them into the own
+// region before this kernel runs): always pulled, every term decoded exactly to fp32 before the
+// same sum, a bfloat16 output (T), combine flags with kLowBit.
 #pragma once
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+
 #include "fusedcomm/common/vec.cuh"
 #include "fusedcomm/kernels/moe_a2a_args.cuh"
 #include "fusedcomm/kernels/moe_a2a_dispatch.cuh"
@@ -70,6 +79,55 @@ __device__ __forceinline__ void load_term(float (&x)[Pack<T>::kElems], const uin
 #pragma unroll
     for (int e = 0; e < Pack<T>::kElems; ++e) x[e] = 0.0f;
   }
+}
+
+// Eight values of a wire row (pack i of the output): codes [8i, 8i + 8), the scale of their
+// block at byte hidden + i / 4; exact (an E4M3 value times a power of two).
+__device__ __forceinline__ void load_wire(float (&x)[8], const uint8_t* src, int64_t i,
+                                          int64_t hidden) {
+  if (src == nullptr) {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) x[e] = 0.0f;
+    return;
+  }
+  const uint2 c = reinterpret_cast<const uint2*>(src)[i];
+  const float scale = __uint_as_float(static_cast<uint32_t>(src[hidden + i / 4]) << 23);
+#pragma unroll
+  for (int e = 0; e < 8; ++e) {
+    const uint32_t b = ((e < 4 ? c.x : c.y) >> (8 * (e % 4))) & 0xffu;
+    const __half h(__nv_cvt_fp8_to_halfraw(static_cast<__nv_fp8_storage_t>(b), __NV_E4M3));
+    x[e] = __half2float(h) * scale;
+  }
+}
+
+// One pack of one token from wire rows: the pairwise tree of kTopK terms, or (kTopK 0) the
+// sequential sum of top_k.
+template <int kTopK>
+__device__ __forceinline__ Pack<__nv_bfloat16> combine_pack_wire(const uint8_t* const* src,
+                                                                 int top_k, int64_t i,
+                                                                 int64_t hidden) {
+  float sum[8];
+  if constexpr (kTopK > 0) {
+    float x[kTopK][8];
+#pragma unroll
+    for (int k = 0; k < kTopK; ++k) load_wire(x[k], src[k], i, hidden);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      float acc[kTopK];
+#pragma unroll
+      for (int k = 0; k < kTopK; ++k) acc[k] = x[k][e];
+      sum[e] = combine_sum<kTopK>(acc);
+    }
+  } else {
+    load_wire(sum, src[0], i, hidden);
+    for (int k = 1; k < top_k; ++k) {
+      float x[8];
+      load_wire(x, src[k], i, hidden);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) sum[e] += x[e];
+    }
+  }
+  return pack_from<__nv_bfloat16>(sum);
 }
 
 // kPacks packs of one token (packs i, i + stride, ...), pairwise tree of kTopK terms: every
@@ -153,7 +211,7 @@ __device__ __forceinline__ bool moe_push_rows(const MoeCombineArgs& a, int32_t* 
     for (int s = 0; s < world; ++s) {
       s_first[s] = total;
       const int64_t n = counts[s] < a.max_tokens ? counts[s] : a.max_tokens;
-      total += s == rank || n < 0 ? 0 : n;
+      total += s == rank || n < 0 || !a.site.is_active(s) ? 0 : n;
     }
     s_first[world] = total;
   }
@@ -205,8 +263,9 @@ __device__ __forceinline__ bool moe_first_arrival(int32_t* counter) {
   return first;
 }
 
-template <typename T, int kTopK, int kThreads>
+template <typename T, int kTopK, int kThreads, bool kWire = false>
 __global__ void __launch_bounds__(kThreads) moe_a2a_combine(MoeCombineArgs a) {
+  static_assert(!kWire || sizeof(T) == 2, "wire rows come back as bfloat16");
   pdl_wait();
   const MoeA2ASite& site = a.site;
   const MoeA2ARows& rows = site.rows;
@@ -223,8 +282,8 @@ __global__ void __launch_bounds__(kThreads) moe_a2a_combine(MoeCombineArgs a) {
       a.payload != nullptr
           ? moe_push_rows<kThreads>(a, claims, rows.at<int32_t>(rank, l.combine_done()))
           : moe_first_arrival(claims);
-  const uint32_t mode = a.payload != nullptr ? kPushBit : 0u;
-  if (signal && threadIdx.x < world) {
+  const uint32_t mode = kWire ? kLowBit : a.payload != nullptr ? kPushBit : 0u;
+  if (signal && threadIdx.x < world && site.is_active(threadIdx.x)) {
     if (a.payload == nullptr) __threadfence_system();
     flag_store<MemOrder::kRelease>(rows.flag(threadIdx.x, l.combine_completion_flags(), rank),
                                    v | mode);
@@ -242,7 +301,11 @@ __global__ void __launch_bounds__(kThreads) moe_a2a_combine(MoeCombineArgs a) {
     uint8_t* out = a.out + int64_t{t} * a.row_bytes;
     constexpr int kPacks = kTopK > 0 && kTopK <= 8 ? 2 : 1;
     for (int64_t i = threadIdx.x; i < packs; i += kThreads * kPacks) {
-      if constexpr (kTopK > 0) {
+      if constexpr (kWire) {
+        for (int64_t p = i; p < packs && p < i + kThreads * kPacks; p += kThreads) {
+          store_pack<T>(out, p, combine_pack_wire<kTopK>(s_src, a.top_k, p, a.row_bytes / 2));
+        }
+      } else if constexpr (kTopK > 0) {
         combine_packs<T, kTopK, kPacks>(s_src, out, i, kThreads, packs);
       } else {
         store_pack<T>(out, i, combine_pack_sequential<T>(s_src, a.top_k, i));
@@ -254,7 +317,7 @@ __global__ void __launch_bounds__(kThreads) moe_a2a_combine(MoeCombineArgs a) {
   // 3. Done reading the rows of this round (every block has arrived: none takes a claim any
   //    more, so the counters are reset for the next combine).
   if (!moe_last_arrival(arrivals, gridDim.x)) return;
-  if (threadIdx.x < world) {
+  if (threadIdx.x < world && site.is_active(threadIdx.x)) {
     flag_store<MemOrder::kRelaxed>(rows.flag(threadIdx.x, l.release_flags(), rank), v);
   }
   if (threadIdx.x == 0) {

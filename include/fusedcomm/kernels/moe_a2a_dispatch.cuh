@@ -6,6 +6,9 @@
 //      (proto/expert_route.cuh) into the own top-k tables, then the block copies each payload
 //      row of each token to slot (own rank, slot) of every destination's row, loading it once.
 //      The grid is what the device holds at once, so a block's copies run back to back.
+// Ranks outside the round's active mask (MoeA2ASite::active) get no tokens, flags or statistics
+// and are not waited for; the own recv count of such a source is set to 0. The mask is part of
+// the dispatch flag (dispatch_flag), so ranks of the round that disagree on it mismatch.
 //   3. The block counts its arrival; the last block writes each destination's token count into
 //      the destination's recv counters [own rank], then the round's dispatch flag (the flag
 //      value and a tag of R: dispatch_flag) into its dispatch flags [own rank] (release, system
@@ -32,7 +35,7 @@ __device__ __forceinline__ bool moe_wait_flags(const MoeA2ASite& site, int64_t f
                                                int phase, uint32_t step = 0) {
   bool ok = true;
   const int q = threadIdx.x;
-  if (q < site.world) {
+  if (q < site.world && site.is_active(q)) {
     const uint32_t* f = site.rows.flag(site.rank, flags, q);
     ok = wait_until(site, q, phase, want, [&](uint32_t& seen) {
       seen = flag_load<MemOrder::kAcquire>(f);
@@ -87,7 +90,7 @@ __global__ void __launch_bounds__(kThreads, 3) moe_a2a_dispatch(MoeDispatchArgs 
        t += kWarps * gridDim.x) {
     uint32_t dests = 0;
     const Route r = route_token(a.experts + int64_t{t} * a.top_k, a.top_k, a.num_experts, world,
-                                s_count, a.dropped, dests);
+                                s_count, a.dropped, dests, site.active);
     const int k = threadIdx.x & 31;
     if (k < a.top_k) {
       topk_ranks[int64_t{t} * kMaxTopK + k] = r.rank;
@@ -139,24 +142,27 @@ __global__ void __launch_bounds__(kThreads, 3) moe_a2a_dispatch(MoeDispatchArgs 
 
   // 3. The last block hands the counts over, signals and waits for every source.
   if (!moe_last_arrival(rows.at<int32_t>(rank, l.local_token_counter()), gridDim.x)) return;
-  const uint32_t signal = dispatch_flag(v, a.max_tokens);
+  const uint32_t signal = dispatch_flag(v, a.max_tokens, site.active);
   if (a.eplb_count > 0) {
     const int64_t stride = l.eplb_stats_num_experts;
     for (int i = threadIdx.x; i < world * a.eplb_count; i += kThreads) {
       const int dst = i / a.eplb_count, e = i % a.eplb_count;
+      if (!site.is_active(dst)) continue;
       rows.at<int32_t>(dst, l.eplb_gathered_stats())[rank * stride + e] = a.eplb_stats[e];
     }
     __threadfence_system();
     __syncthreads();  // released below with the flags
   }
   const int q = threadIdx.x;
-  if (q < world) {
+  if (q < world && site.is_active(q)) {
     const int32_t count = ld_volatile(&counters[q]);
     st_relaxed_sys(reinterpret_cast<uint32_t*>(rows.at<int32_t>(q, l.recv_counters()) + rank),
                    static_cast<uint32_t>(count));
     flag_store<MemOrder::kRelease>(rows.flag(q, l.dispatch_completion_flags(), rank), signal);
-    counters[q] = 0;
+  } else if (q < world) {
+    rows.at<int32_t>(rank, l.recv_counters())[q] = 0;  // an excluded source sent nothing
   }
+  if (q < world) counters[q] = 0;
   if (threadIdx.x == 0) {
     *rows.at<int32_t>(rank, l.local_token_counter()) = 0;
     *rows.at<uint32_t>(rank, l.flag_value()) = v;

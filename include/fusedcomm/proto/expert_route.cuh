@@ -6,7 +6,8 @@
 // route_token: one warp routes one token; lane k < top_k handles the token's k-th expert. The
 // first k that targets a rank takes the next slot of that rank (an atomic increment of
 // `counters[rank]`, global or shared memory); later k with the same rank, and ids outside
-// [0, E), get (-1, -1).
+// [0, E), get (-1, -1); so do experts of ranks outside `active` (a mask over ranks: the ranks
+// of this round), which are not counted as dropped.
 // Returns the lane's (rank, slot); `dests` (a lane mask over ranks) says which ranks get the
 // token, the same on every lane.
 #pragma once
@@ -30,11 +31,13 @@ struct Route {
 // the life of a process) counts the lane's id when it lies outside [0, E).
 __device__ __forceinline__ Route route_token(const int32_t* experts, int top_k, int num_experts,
                                              int world, int32_t* counters,
-                                             unsigned long long* dropped, uint32_t& dests) {
+                                             unsigned long long* dropped, uint32_t& dests,
+                                             uint32_t active_ranks = ~0u) {
   const int k = threadIdx.x & 31;
   const bool active = k < top_k;
-  const int owner = active ? expert_owner(experts[k], num_experts, world) : -1;
+  int owner = active ? expert_owner(experts[k], num_experts, world) : -1;
   if (active && owner < 0) atomicAdd(dropped, 1ull);
+  if (owner >= 0 && !((active_ranks >> owner) & 1u)) owner = -1;
   // Lanes with the same owner; the lowest of them sends.
   const uint32_t same = __match_any_sync(0xffffffffu, owner);
   const bool first = owner >= 0 && (__ffs(same) - 1) == k;

@@ -67,6 +67,7 @@ class _Round:
     max_tokens: int  # runtime_max_tokens_per_rank
     combine_offset: int
     owner: Any = None  # the MoeAlltoAll that dispatched (None: the free function)
+    mask: int | None = None  # the round's active_rank_mask (None: every rank)
 
 
 @dataclasses.dataclass(eq=False)

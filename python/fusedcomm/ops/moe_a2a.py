@@ -41,10 +41,15 @@ from ..runtime.moe_a2a_workspace import _int as _int
 from ._moe_a2a_extensions import (
     COMBINE_DTYPES,
     SF_LAYOUT_LINEAR,
+    _active_mask,
+    _check_quantised,
+    _check_wire,
     _combine_output_dtype,
     _eplb_stats,
+    _quantised_output,
+    _record,
     _same_round,
-    _unsupported_extensions,
+    moe_a2a_active_rank_mask,
 )
 from ._moe_a2a_state import (
     MoeA2ACheckError,
@@ -62,6 +67,7 @@ from ._register import register_op, tracing
 
 __all__ = [
     "MoeA2ACheckError",
+    "moe_a2a_active_rank_mask",
     "moe_a2a_combine",
     "moe_a2a_dispatch",
     "moe_a2a_dropped_expert_ids",
@@ -225,8 +231,15 @@ def moe_a2a_dispatch(
     Ids outside ``[0, num_experts)`` are dropped and counted; with ``check_expert_ids=True``
     the call synchronises and raises ``ValueError`` when it dropped any (not capturable).
     ``enable_pdl``: programmatic dependent launch (default: on for SM90 and newer).
-    ``active_rank_mask``: None, or a mask with every rank's bit set (excluding ranks from a
-    round is not implemented: ``NotImplementedError``). ``eplb_local_stats``: int32 ``[n]``
+    ``active_rank_mask``: the ranks of this round (None: every rank), an int or a one-element
+    integer tensor (:func:`moe_a2a_active_rank_mask`), bit ``q`` for rank ``q``, this rank's
+    included. Ranks outside it are considered gone: tokens routed to their experts are not sent
+    (their pairs send nothing and add nothing in the combine; not counted as dropped ids), they
+    are neither signalled nor waited for, and nothing they write into this rank's row is read
+    (their recv counts read 0; their EPLB rows are stale). Every rank of the round must pass
+    the same mask (a rank of the round with another one fails it on every rank) and repeat it
+    in the combine; a rank that comes back needs the workspace re-initialised on every rank
+    first. ``eplb_local_stats``: int32 ``[n]``
     (``n`` at most the ``eplb_stats_num_experts`` of initialisation) on the workspace's device;
     every rank's lands in row ``rank`` of every rank's EPLB region during the dispatch
     (:func:`moe_a2a_eplb_gathered_stats`); the return value stays the 2-tuple. The next :func:`moe_a2a_combine` on this workspace must repeat
@@ -251,7 +264,7 @@ def moe_a2a_dispatch(
         )
     op = "moe_a2a_dispatch"
     st = _state(op, workspace, ep_rank, metainfo)
-    _unsupported_extensions(op, st, active_rank_mask)
+    mask = _active_mask(op, st, active_rank_mask)
     eplb_ptr, eplb_count = _eplb_stats(op, st, eplb_local_stats)
     if st.round is not None and st.round.owner is not _owner and st.round.owner is not None:
         raise MoeA2ACheckError(
@@ -294,7 +307,7 @@ def moe_a2a_dispatch(
     pdl = _pdl_default(st.device) if enable_pdl is None else bool(enable_pdl)
     _module().moe_a2a_dispatch_launch(
         experts,
-        st.record,
+        _record(st, mask),
         st.dropped.data_ptr(),
         num_experts,
         runtime_max_tokens_per_rank,
@@ -304,7 +317,7 @@ def moe_a2a_dispatch(
         pdl,
     )
     st.round = _Round(
-        experts.size(0), top_k, runtime_max_tokens_per_rank, plan.combine_offset, _owner
+        experts.size(0), top_k, runtime_max_tokens_per_rank, plan.combine_offset, _owner, mask
     )
     if check_expert_ids:
         _raise_on_dropped(op, st, before, num_experts)
@@ -409,6 +422,7 @@ def _combine_impl(
         top_k,
         runtime_max_tokens_per_rank,
         combine_payload_offset,
+        0,
         enable_pdl,
     )
 
@@ -466,10 +480,32 @@ def moe_a2a_combine(
 
     ``output_dtype``: None (the payload's dtype) or another of float16, bfloat16, float32: the
     rounded sum is then converted (exact when widening; narrowing from float32 rounds the fp32
-    sum once). Quantised outputs (FP8 / FP4 dtypes, ``output_scales``, an
-    ``output_scalar_scale`` other than 1.0) and ``use_low_precision=True`` are not implemented
-    and raise ``NotImplementedError``; ``sf_layout`` must be a valid ``SfLayout`` value (it
-    only matters for quantised outputs). ``active_rank_mask``: as in :func:`moe_a2a_dispatch`.
+    sum once). Quantised outputs (float16 / bfloat16 payloads, ``hidden`` at most 16384), told
+    apart as the reference library does, by ``output_dtype`` and ``output_scales.dtype``; each
+    quantises the rounded sum (``reference.quant.quantize_nvfp4``, ``reference.moe_a2a.
+    quantize_mx``) and writes the scale bytes into ``output_scales`` (a contiguous tensor of
+    exactly ``reference.quant.scale_factor_buffer_size(local_num_tokens, hidden / block,
+    sf_layout)`` bytes; the swizzled layouts' padding is not written):
+
+    * ``uint8`` + ``float8_e4m3fn`` scales: NVFP4, ``[L, H/2]`` packed E2M1, one E4M3 scale per
+      16 values, ``output_scalar_scale`` the global scale ``G`` (it multiplies: typically
+      ``448 * 6 / amax``; finite and positive);
+    * ``float8_e4m3fn`` + ``uint8`` scales: MXFP8, ``[L, H]`` E4M3, one UE8M0 scale per 32;
+    * ``uint8`` + ``uint8`` scales: MXFP4, ``[L, H/2]`` packed E2M1, one UE8M0 scale per 32.
+
+    ``output_scalar_scale`` must be 1.0 for every other output. ``sf_layout``: an ``SfLayout``
+    value (0: 128x4 tiles, 1: 8x4 tiles, 2: linear). Every architecture (SM90 included) runs
+    them; the bytes are the references' exactly.
+
+    ``use_low_precision=True`` (float16 / bfloat16 payloads, ``hidden`` a multiple of 32, at
+    most 16384): the rows travel as MXFP8 (per 32 values one UE8M0 scale, E4M3 codes; 1.03
+    bytes per value instead of 2), each term is decoded exactly and summed as above, and the
+    result is bfloat16 (or ``output_dtype``'s float dtype, converted). Per term the error is at
+    most 2^-4 of the value plus 2^-10 of its block's scale (docs/moe-a2a.md;
+    ``reference.moe_a2a.combine_low_precision_reference`` gives the exact bits). Every rank of
+    a round must pass the same ``use_low_precision`` (a rank that differs fails the round on
+    every rank). Not combined with quantised outputs. ``active_rank_mask``: the dispatch's (as
+    in :func:`moe_a2a_dispatch`; another mask raises :class:`MoeA2ACheckError`).
     """
     if tracing():
         return _untraced_moe_a2a_combine(
@@ -495,10 +531,11 @@ def moe_a2a_combine(
         )
     op = "moe_a2a_combine"
     st = _state(op, workspace, ep_rank, metainfo)
-    _unsupported_extensions(op, st, active_rank_mask)
-    out_dtype = _combine_output_dtype(
+    mask = _active_mask(op, st, active_rank_mask)
+    spec = _combine_output_dtype(
         op, payload, output_dtype, output_scales, output_scalar_scale, sf_layout, use_low_precision
     )
+    out_dtype = spec.dtype
     in_workspace = bool(payload_in_workspace)
     try:
         key = (
@@ -530,7 +567,7 @@ def moe_a2a_combine(
         if key is not None:
             st.plans[key] = True
     _same_round(op, st, local_num_tokens, top_k, runtime_max_tokens_per_rank,
-                combine_payload_offset, _owner)  # fmt: skip
+                combine_payload_offset, _owner, mask)  # fmt: skip
     if in_workspace:
         if payload.data_ptr() != st.own_row + combine_payload_offset or not payload.is_contiguous():
             raise MoeA2ACheckError(
@@ -540,21 +577,41 @@ def moe_a2a_combine(
             )
     elif not payload.is_contiguous():
         payload = payload.contiguous()
-    converted = out_dtype != payload.dtype
-    out = _output(op, None if converted else output, local_num_tokens, payload.size(2), payload)
+    hidden = payload.size(2)
+    target = None
+    if spec.mode is not None:  # the quantised output's checks come before the round's launch
+        _check_quantised(op, spec, local_num_tokens, hidden, payload.device)
+        target = _quantised_output(op, spec, output, local_num_tokens, hidden, payload.device)
+        output = None
+    _check_wire(op, spec, hidden)
+    summed = torch.bfloat16 if spec.wire else payload.dtype  # what the kernel writes
+    converted = out_dtype != summed
+    out = _output(op, None if converted else output, local_num_tokens, hidden, payload, summed)
     pdl = _pdl_default(st.device) if enable_pdl is None else bool(enable_pdl)
     _module().moe_a2a_combine_launch(
         out,
-        st.record,
+        _record(st, mask),
         0 if in_workspace else payload.data_ptr(),
         top_k,
         runtime_max_tokens_per_rank,
         combine_payload_offset,
+        spec.wire,
         pdl,
     )
     st.round = None
+    if target is not None:
+        _module().moe_a2a_quantize_launch(  # bytes: float8 views need no DLPack float8
+            out,
+            target.view(torch.uint8),
+            spec.scales.view(torch.uint8),
+            spec.mode,
+            spec.layout,
+            spec.global_scale,
+            pdl,
+        )
+        return target
     if converted:
-        target = _output(op, output, local_num_tokens, payload.size(2), payload, out_dtype)
+        target = _output(op, output, local_num_tokens, hidden, payload, out_dtype)
         return target.copy_(out)
     return out
 

@@ -83,6 +83,8 @@ class MoeAlltoAll:
     workspace per process (and the ``timeout_s`` of the first of them, which creates it).
     ``timeout_s`` bounds every wait for a peer; ``check_expert_ids``
     makes each dispatch synchronise and raise on expert ids outside ``[0, num_experts)``.
+    ``enable_rank_mask=True`` lets rounds exclude ranks (``active_rank_mask`` of dispatch and
+    combine; docs/moe-a2a.md).
     """
 
     _WORKSPACE_CACHE: ClassVar[dict[tuple[int, ...], dict]] = {}
@@ -102,11 +104,7 @@ class MoeAlltoAll:
         timeout_s: float | None = None,
         check_expert_ids: bool = False,
     ):
-        if enable_rank_mask:
-            raise NotImplementedError(
-                "MoeAlltoAll: enable_rank_mask=True (excluding ranks from rounds) is not "
-                "implemented; pass enable_rank_mask=False"
-            )
+        self.enable_rank_mask = bool(enable_rank_mask)
         self.top_k = _positive("top_k", top_k)
         self.num_experts = _positive("num_experts", num_experts)
         self.max_num_tokens = _positive("max_num_tokens", max_num_tokens)
@@ -261,6 +259,22 @@ class MoeAlltoAll:
             )
         return r
 
+    def _mask_allowed(self, method: str, mask: Any) -> None:
+        if mask is None or self.enable_rank_mask:
+            return
+        full = (1 << self.ep_size) - 1
+        if isinstance(mask, torch.Tensor) and mask.numel() == 1 and not mask.is_floating_point():
+            bits = int(mask.reshape(-1)[0].item())
+        elif isinstance(mask, int) and not isinstance(mask, bool):
+            bits = mask
+        else:
+            return  # the free function says what is wrong with it
+        if bits & full != full:
+            raise MoeA2AArgumentError(
+                f"MoeAlltoAll.{method}: active_rank_mask {bits & full:#x} excludes ranks; "
+                "construct the MoeAlltoAll with enable_rank_mask=True"
+            )
+
     def dispatch(
         self,
         token_selected_experts: torch.Tensor,
@@ -278,9 +292,10 @@ class MoeAlltoAll:
         the expert ids (``input_payloads[expert_id_payload_index]``, required then) has its
         padding slots set to that id (:func:`fusedcomm.moe_a2a_sanitize_expert_ids`).
         ``eplb_local_stats`` (gathered into :attr:`eplb_gathered_stats`) and
-        ``active_rank_mask`` (a mask of every rank, or ``NotImplementedError``): as in the free
-        function."""
+        ``active_rank_mask`` (one that excludes ranks needs ``enable_rank_mask=True``): as in
+        the free function."""
         self._expect("idle", "dispatch")
+        self._mask_allowed("dispatch", active_rank_mask)
         if runtime_max_tokens_per_rank > self.max_num_tokens:
             raise MoeA2AArgumentError(
                 f"MoeAlltoAll.dispatch: runtime_max_tokens_per_rank ({runtime_max_tokens_per_rank}) "
@@ -350,6 +365,7 @@ class MoeAlltoAll:
         ``[ep_size, R, H]`` expert results of the last dispatch; returns ``[local_num_tokens,
         H]``. ``R`` must be the dispatch's. Ends the round."""
         self._expect("dispatched", "combine")
+        self._mask_allowed("combine", active_rank_mask)
         r = self._same_round("combine", runtime_max_tokens_per_rank)
         return _a2a.moe_a2a_combine(
             payload,

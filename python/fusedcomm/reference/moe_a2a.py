@@ -28,11 +28,14 @@ import torch
 __all__ = [
     "COMBINE_PAIRWISE_TOP_K",
     "DispatchReference",
+    "combine_low_precision_reference",
     "combine_reference",
     "combine_sum",
     "combine_sum_steps",
+    "dequantize_mx",
     "dispatch_reference",
     "expert_owner",
+    "quantize_mx",
     "received_rows",
     "sanitize_reference",
 ]
@@ -369,3 +372,91 @@ def sanitize_reference(
     out = expert_ids.clone()
     out[padding] = invalid_expert_id
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# MX block quantisation of combine outputs (NVFP4: reference.quant.quantize_nvfp4)
+
+MX_BLOCK = 32
+_MX_MAX_CODE = {"mxfp8": 448.0, "mxfp4": 6.0}
+
+
+def _mx_scales(blocks: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    from .quant import round_scale_up_to_pow2
+
+    m = blocks.abs().amax(dim=-1, keepdim=True)
+    s = m / torch.tensor(_MX_MAX_CODE[kind], dtype=torch.float32, device=m.device)
+    e = (round_scale_up_to_pow2(s).view(torch.int32) >> 23).clamp(1, 253)
+    e = torch.where(m > 0, e, torch.zeros_like(e))
+    k = ((254 - e) << 23).view(torch.float32)  # 2^(127 - e), exact
+    return e.to(torch.uint8), torch.where(e > 0, k, torch.zeros_like(k))
+
+
+def quantize_mx(y: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """MXFP8 or MXFP4 quantisation of each row in 32-element blocks, returning ``(codes, sf)``.
+
+    Sequence, per block of 32 consecutive values of a row (fp32 arithmetic; ``M`` = 448 for
+    ``"mxfp8"``, 6 for ``"mxfp4"``)::
+
+        m = max_j |float(y_j)|                           # exact
+        e = 0 if m == 0 else clamp(exponent(round_up_pow2(m / M)), 1, 253)   # the scale byte
+        k = 2 ** (127 - e) if e else 0                   # exact
+        mxfp8: q_j = e4m3(float(y_j) * k)                # saturating RNE, one byte per value
+        mxfp4: q_j = e2m1_encode(float(y_j) * k)         # two codes per byte, low nibble first
+
+    ``y``: ``[N, D]`` float16 or bfloat16 (the combine's rounded sum), ``D`` a multiple of 32.
+    Returns ``codes`` (``float8_e4m3fn [N, D]`` or ``uint8 [N, D/2]``) and ``sf``: ``uint8
+    [N, D/32]`` UE8M0 bytes in LINEAR order (``reference.quant.write_scale_factors`` places
+    them in the swizzled layouts). The kernel's bytes compare with ``torch.equal``.
+    """
+    from .fusion import fp8_e4m3
+    from .quant import e2m1_encode, pack_e2m1
+
+    op = "quantize_mx"
+    if kind not in _MX_MAX_CODE:
+        raise ValueError(f"{op}: kind must be 'mxfp8' or 'mxfp4', got {kind!r}")
+    if y.dim() != 2 or y.shape[1] % MX_BLOCK:
+        raise ValueError(f"{op}: y must be [N, D] with D a multiple of 32, got {tuple(y.shape)}")
+    n, d = y.shape
+    blocks = y.float().reshape(n, d // MX_BLOCK, MX_BLOCK)
+    sf, k = _mx_scales(blocks, kind)
+    scaled = (blocks * k).reshape(n, d)
+    codes = fp8_e4m3(scaled) if kind == "mxfp8" else pack_e2m1(e2m1_encode(scaled))
+    return codes, sf.reshape(n, d // MX_BLOCK)
+
+
+def dequantize_mx(codes: torch.Tensor, sf: torch.Tensor, kind: str) -> torch.Tensor:
+    """Approximate inverse of :func:`quantize_mx`: ``y_j = decode(q_j) * 2 ** (e_b - 127)``
+    (0 where ``e_b`` is 0). Returns fp32 ``[N, D]``."""
+    from .quant import e2m1_decode, ue8m0_decode, unpack_e2m1
+
+    n = codes.shape[0]
+    if kind == "mxfp8":
+        values = codes.view(torch.float8_e4m3fn).float()
+    else:
+        values = e2m1_decode(unpack_e2m1(codes.view(torch.uint8)))
+    d = values.shape[1]
+    scale = ue8m0_decode(sf.reshape(n, d // MX_BLOCK)).unsqueeze(-1)
+    return (values.reshape(n, d // MX_BLOCK, MX_BLOCK) * scale).reshape(n, d)
+
+
+def combine_low_precision_reference(
+    payloads_per_rank: Sequence[torch.Tensor],
+    target_ranks: Sequence[torch.Tensor],
+    send_indices: Sequence[torch.Tensor],
+) -> list[torch.Tensor]:
+    """Combine of every rank at once with the rows on the low-precision wire
+    (``use_low_precision=True``), bit for bit.
+
+    Unfused equivalent: every payload row (float16 or bfloat16, ``H`` a multiple of 32) goes as
+    its MXFP8 (:func:`quantize_mx` ``"mxfp8"``) and comes back decoded exactly
+    (:func:`dequantize_mx`, fp32); then :func:`combine_reference`'s sum, rounded once to
+    bfloat16. Returns per rank ``[L_r, H]`` bfloat16.
+    """
+    wire = []
+    for p in payloads_per_rank:
+        w, r, h = p.shape
+        codes, sf = quantize_mx(p.reshape(w * r, h), "mxfp8")
+        wire.append(dequantize_mx(codes, sf, "mxfp8").reshape(w, r, h))
+    sums = combine_reference(wire, target_ranks, send_indices)  # fp32 terms, fp32 sums
+    return [s.to(torch.bfloat16) for s in sums]
