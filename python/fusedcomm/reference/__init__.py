@@ -12,10 +12,12 @@ operation, so a kernel that promises the same order can be compared with ``torch
   at once.
 - :mod:`.dcp_a2a`: the decode context-parallel all-to-all (a transpose across ranks), all ranks
   at once.
+- :mod:`.mixed_comm`: the mixed collectives (AR, AG, RS, AR+AG, RS+AR), all ranks at once.
 """
 
 from .allreduce import all_reduce
 from .dcp_a2a import dcp_alltoall_reference
+from .mixed_comm import mixed_comm_reference
 from .fusion import (
     allreduce_fusion_reference,
     fp8_e4m3,
@@ -75,6 +77,7 @@ __all__ = [
     "expert_owner",
     "fp8_e4m3",
     "fusion_all_reduce",
+    "mixed_comm_reference",
     "moe_allreduce_fusion_reference",
     "moe_finalize",
     "moe_reduction",
