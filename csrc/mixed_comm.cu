@@ -135,13 +135,10 @@ void mixed_comm_launch(ffi::TensorView x_in, ffi::TensorView x_out, ffi::Array<i
       << "x_out must not overlap x_in";
   const int64_t packs = block_bytes / 16;
   if (packs == 0) return;
-  // Two rounds give each TP owner a piece: fewer packs than owners run in one round (the
-  // same sums in the same order).
-  const bool two = two_rounds && tp > 1 && packs >= tp;
-  const int min_item = two ? static_cast<int>(tp > 4 ? tp : 4) : 4;
+  const bool two = MixedCommPlan::two_rounds(two_rounds, static_cast<int>(tp), packs);
   MixedCommArgs a{};
   a.site = w.site;
-  a.plan = MixedCommPlan::make(packs, min_item, static_cast<int>(grid));
+  a.plan = MixedCommPlan::for_call(packs, static_cast<int>(tp), two, static_cast<int>(grid));
   a.in = static_cast<const uint4*>(data_of(x_in));
   a.out = static_cast<uint4*>(data_of(x_out));
   a.tp = static_cast<int32_t>(tp);

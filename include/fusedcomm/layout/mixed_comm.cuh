@@ -67,6 +67,17 @@ struct MixedCommPlan {
     return MixedCommPlan{p, items, static_cast<int32_t>(blocks)};
   }
   __host__ __device__ constexpr int64_t begin(int64_t item) const { return item * packs / items; }
+
+  // Whether a call asked to run in two rounds does: only with tp > 1 and at least a pack per
+  // owner (fewer packs than owners run in one round: the same sums in the same order).
+  __host__ __device__ static constexpr bool two_rounds(bool asked, int tp, int64_t p) {
+    return asked && tp > 1 && p >= tp;
+  }
+  // The plan of a call of P packs (`two`: the result of two_rounds).
+  __host__ __device__ static constexpr MixedCommPlan for_call(int64_t p, int tp, bool two,
+                                                             int grid) {
+    return make(p, two ? (tp > 4 ? tp : 4) : 4, grid);
+  }
 };
 
 }  // namespace fusedcomm
