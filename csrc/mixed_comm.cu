@@ -128,11 +128,12 @@ void mixed_comm_launch(ffi::TensorView x_in, ffi::TensorView x_out, ffi::Array<i
   const int64_t want_out = scatter ? block_bytes : in_bytes * dp;
   FC_CHECK_VALUE(out_bytes == want_out, op)
       << "x_out holds " << out_bytes << " bytes, the op writes " << want_out;
-  FC_CHECK_VALUE(!overlaps(data_of(x_in), data_of(x_out), in_bytes < out_bytes ? in_bytes
-                                                                                : out_bytes) ||
-                     in_bytes == 0,
-                 op)
-      << "x_out must not overlap x_in";
+  const auto in0 = reinterpret_cast<uintptr_t>(data_of(x_in));
+  const auto out0 = reinterpret_cast<uintptr_t>(data_of(x_out));
+  const bool disjoint = in_bytes == 0 || out_bytes == 0 ||
+                        in0 + static_cast<uintptr_t>(in_bytes) <= out0 ||
+                        out0 + static_cast<uintptr_t>(out_bytes) <= in0;
+  FC_CHECK_VALUE(disjoint, op) << "x_out must not overlap x_in";
   const int64_t packs = block_bytes / 16;
   if (packs == 0) return;
   const bool two = MixedCommPlan::two_rounds(two_rounds, static_cast<int>(tp), packs);

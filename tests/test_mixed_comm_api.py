@@ -132,7 +132,14 @@ def test_autotune_ladder_and_lookup():
     assert len(autotune_ladder(2)) == 14 and len(autotune_ladder(3)) == 14
     assert len(autotune_ladder(8)) == 12 and autotune_ladder(1 << 16) == [8192]
     n = 15
-    assert [autotune_index(b, n) for b in (1, 8192, 8193, 12000, 12288, 16384)] == [0, 0, 0, 1, 1, 1]
+    assert [autotune_index(b, n) for b in (1, 8192, 8193, 12000, 12288, 16384)] == [
+        0,
+        0,
+        0,
+        1,
+        1,
+        1,
+    ]
     assert autotune_index(3 * 8192, n) == 2  # log2(3) = 1.58 rounds to 2
     assert autotune_index(1 << 40, n) == n - 1 and autotune_index(1 << 40, 1) == 0
 
@@ -243,9 +250,7 @@ def _rank_nccl_modes(rank, world, seed):
 def test_nccl_modes_match_the_reference_on_cpu_ranks(world):
     seed = secrets.randbits(20)
     print(f"seed {seed}")
-    assert_no_failures(
-        run_ranks(_rank_nccl_modes, world, args=(seed,), timeout_s=RANKS_TIMEOUT_S)
-    )
+    assert_no_failures(run_ranks(_rank_nccl_modes, world, args=(seed,), timeout_s=RANKS_TIMEOUT_S))
 
 
 def _rank_errors(rank, world):

@@ -357,9 +357,7 @@ def _nccl_one(op: MixedCommOp, h: MixedCommHandler, x: torch.Tensor) -> torch.Te
         return world.reduce_scatter(x)
     if op == MixedCommOp.ALLREDUCE_ALLGATHER:
         parts = world.gather(x)  # [world, N, ...]
-        blocks = [
-            _rank_sum([parts[w] for w in ranks]).to(x.dtype) for ranks in topo.tp_groups()
-        ]
+        blocks = [_rank_sum([parts[w] for w in ranks]).to(x.dtype) for ranks in topo.tp_groups()]
         return torch.cat(blocks)
     # REDUCESCATTER_ALLREDUCE: rank w gets block dp_rank(w) of every rank, then sums them all.
     blocks = x.chunk(topo.dp_size)
@@ -435,7 +433,9 @@ def _check_call(
         raise ValueError(f"{fn}: x_in must be contiguous")
     scatter = op in SCATTER_OPS
     if scatter and x_in.shape[0] % dp:
-        raise ValueError(f"{fn}: x_in.shape[0] ({x_in.shape[0]}) must be divisible by dp_size ({dp})")
+        raise ValueError(
+            f"{fn}: x_in.shape[0] ({x_in.shape[0]}) must be divisible by dp_size ({dp})"
+        )
     per_block = x_in.numel() // dp if scatter else x_in.numel()
     if per_block % 8:
         what = "x_in.numel() / dp_size" if scatter else "x_in.numel()"

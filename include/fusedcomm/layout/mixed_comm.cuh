@@ -20,7 +20,7 @@ struct MixedBlockState {
 static_assert(sizeof(MixedBlockState) == 32, "MixedBlockState is 32 bytes");
 
 struct MixedCommLayout {
-  static constexpr int kMaxBlocks = 32;       // G: thread blocks of one call at most
+  static constexpr int kMaxBlocks = 32;        // G: thread blocks of one call at most
   static constexpr int64_t kSlotBytes = 8192;  // S: one (buffer, block, phase, sender) slot
   static constexpr int64_t kSlotPacks = kSlotBytes / 16;
   static constexpr int kMaxLocal = 8;  // ranks of one node
@@ -42,8 +42,8 @@ struct MixedCommLayout {
   }
   // Byte offset of slot [k][b][phase][sender].
   __host__ __device__ constexpr int64_t slot(int k, int b, int phase, int sender) const {
-    return slots() + (((int64_t{k} * kMaxBlocks + b) * 2 + phase) * local_size + sender) *
-                         kSlotBytes;
+    return slots() +
+           (((int64_t{k} * kMaxBlocks + b) * 2 + phase) * local_size + sender) * kSlotBytes;
   }
 };
 
@@ -75,7 +75,7 @@ struct MixedCommPlan {
   }
   // The plan of a call of P packs (`two`: the result of two_rounds).
   __host__ __device__ static constexpr MixedCommPlan for_call(int64_t p, int tp, bool two,
-                                                             int grid) {
+                                                              int grid) {
     return make(p, two ? (tp > 4 ? tp : 4) : 4, grid);
   }
 };

@@ -17,7 +17,6 @@ operation, so a kernel that promises the same order can be compared with ``torch
 
 from .allreduce import all_reduce
 from .dcp_a2a import dcp_alltoall_reference
-from .mixed_comm import mixed_comm_reference
 from .fusion import (
     allreduce_fusion_reference,
     fp8_e4m3,
@@ -26,6 +25,7 @@ from .fusion import (
     quantize_fp8_static,
     residual_rms_norm,
 )
+from .mixed_comm import mixed_comm_reference
 from .moe import moe_allreduce_fusion_reference, moe_finalize, moe_reduction
 from .moe_a2a import (
     COMBINE_PAIRWISE_TOP_K,

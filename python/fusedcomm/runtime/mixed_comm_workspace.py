@@ -281,8 +281,7 @@ class MixedCommLayout:
     def __post_init__(self) -> None:
         if not 2 <= self.local_size <= MIXED_MAX_LOCAL:
             raise ValueError(
-                f"MixedCommLayout: local_size ({self.local_size}) must be in "
-                f"[2, {MIXED_MAX_LOCAL}]"
+                f"MixedCommLayout: local_size ({self.local_size}) must be in [2, {MIXED_MAX_LOCAL}]"
             )
 
     abort_marks = 0
