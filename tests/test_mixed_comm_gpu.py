@@ -15,10 +15,11 @@ import pytest
 import torch
 
 import fusedcomm as comm
+from fusedcomm import mixed_comm
 from fusedcomm.mixed_comm import MixedCommHandler, MixedCommMode, MixedCommOp, run_mixed_comm
 from fusedcomm.reference import mixed_comm_reference
 from fusedcomm.testing.checks import Failures, assert_no_failures
-from fusedcomm.testing.dist import barrier, gather_all, rank_device, run_ranks
+from fusedcomm.testing.dist import barrier, gather_all, rank_device, ranks_share_gpu, run_ranks
 
 Op, Mode = MixedCommOp, MixedCommMode
 SCATTER = (Op.REDUCESCATTER, Op.REDUCESCATTER_ALLREDUCE)
@@ -77,8 +78,8 @@ def _rank_matrix(rank, world, dtype, seed):
                     if mode in FUSED:
                         f.check(torch.equal(_bits(got), _bits(want)), f"{what}: not exact")
                     # Bitwise across the TP ranks of each group (same dp index).
-                    every = gather_all(got.view(torch.int16))
-                    for w in range(world):
+                    every = gather_all(got.view(torch.int16)) if tp > 1 else []
+                    for w in range(len(every)):
                         if w != rank and topo.of(w)[1] == topo.dp_rank:
                             f.check(torch.equal(every[w], every[rank]),
                                     f"{what}: ranks {rank} and {w} differ")  # fmt: skip
@@ -105,6 +106,11 @@ def test_every_op_and_mode_matches_the_reference(world_size, dtype):
 
 def _rank_autotune(rank, world):
     f = Failures()
+    if ranks_share_gpu(world):
+        # Ranks that take turns on one GPU pay a time slice per round of a fused call: the
+        # ladder's first rungs only (the ladder itself is tested on CPU).
+        full = mixed_comm.autotune_ladder
+        mixed_comm.autotune_ladder = lambda dp: full(dp)[:5]
     tp, dp = _splits(world)[-1]  # TP only: AR, with both fused modes
     h = _handler(rank, world, tp, dp, torch.bfloat16, timeout_s=60.0)
     f.check(Mode.AUTOTUNE in h.valid_mode_list, f"modes {h.valid_mode_list}")
@@ -165,3 +171,41 @@ def test_missing_peer_raises_instead_of_hanging(world_size):
     assert_no_failures([messages for messages, _ in results])
     names = [name for _, name in results]
     assert "PeerTimeoutError" in names[:-1], names
+
+
+def _rank_graph(rank, world):
+    """Each fused mode's call captured in a CUDA graph, replayed with new inputs (copied in
+    place) and poisoned outputs: the kernels keep their round state on the device."""
+    f = Failures()
+    h = _handler(rank, world, world, 1, torch.bfloat16, use_autotune=False, timeout_s=60.0)
+    modes = [m for m in h.valid_mode_list if m in FUSED]
+    xs = _inputs(21, world, 333, torch.bfloat16, world)
+    x = xs[rank].clone()
+    outs = {m: run_mixed_comm(Op.ALLREDUCE, h, x, mode=m) for m in modes}  # eager warm-up
+    torch.cuda.synchronize()
+    barrier()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for m in modes:
+            run_mixed_comm(Op.ALLREDUCE, h, x, outs[m], mode=m)
+    for replay in range(3):
+        xs = _inputs(30 + replay, world, 333, torch.bfloat16, world)
+        x.copy_(xs[rank])
+        for out in outs.values():
+            out.fill_(float("nan"))
+        torch.cuda.synchronize()
+        barrier()
+        graph.replay()
+        torch.cuda.synchronize()
+        comm.check_errors()
+        want = mixed_comm_reference(Op.ALLREDUCE, xs, h.para_info.of)[rank]
+        for m, out in outs.items():
+            f.check(torch.equal(_bits(out), _bits(want)), f"replay {replay} {m.name}")
+    barrier()
+    h.shutdown()
+    return f.messages
+
+
+@pytest.mark.gpu(2)
+def test_fused_modes_replay_in_cuda_graphs(world_size):
+    assert_no_failures(run_ranks(_rank_graph, world_size, backend="nccl", timeout_s=300))
