@@ -44,6 +44,11 @@ def test_enum_values_and_names():
     assert set(mc.__all__) == {"MixedCommOp", "MixedCommMode", "MixedCommHandler", "run_mixed_comm"}
 
 
+def test_compute_capability_query():
+    check = mc.run_mixed_comm.is_compute_capability_supported
+    assert check(90) and check(100) and not check(80)
+
+
 def test_module_is_built_by_every_aot_set():
     assert "mixed_comm" in ALL_SPECS and "mixed_comm" in DEFAULT_SPECS
     assert [u.source for u in ALL_SPECS["mixed_comm"].units] == ["mixed_comm.cu"]
@@ -224,6 +229,7 @@ def _rank_nccl_modes(rank, world, seed):
         topo = h.para_info
         f.check(h.get_valid_op_list() == h.valid_op_list, "get_valid_op_list")
         f.check(Mode.FUSED_OPT_WAITS_UC not in h.valid_mode_list, "fused mode on CPU")
+        f.check(h.max_block_size_dict == {}, "launch shapes without fused modes")
         for op in h.valid_op_list:
             for i, rows in enumerate((1, 5) if world > 2 else (1, 3, 16)):
                 rows *= dp if op in (Op.REDUCESCATTER, Op.REDUCESCATTER_ALLREDUCE) else 1
@@ -314,8 +320,12 @@ def _search(pattern, text):
     return re.search(pattern, text) is not None
 
 
-def test_argument_errors_before_any_communication():
-    assert_no_failures(run_ranks(_rank_errors, 2, timeout_s=RANKS_TIMEOUT_S))
+def _rank_all_errors(rank, world):
+    return _rank_constructor_errors(rank, world) + _rank_errors(rank, world)
+
+
+def test_argument_and_constructor_errors_before_any_communication():
+    assert_no_failures(run_ranks(_rank_all_errors, 2, timeout_s=RANKS_TIMEOUT_S))
 
 
 def _rank_constructor_errors(rank, world):
@@ -339,10 +349,6 @@ def _rank_constructor_errors(rank, world):
         except exc as e:
             f.check(match in str(e), f"{kw}: {e}")
     return f.messages
-
-
-def test_constructor_errors():
-    assert_no_failures(run_ranks(_rank_constructor_errors, 2, timeout_s=RANKS_TIMEOUT_S))
 
 
 def _rank_autotune(rank, world):

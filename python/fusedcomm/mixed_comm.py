@@ -226,6 +226,13 @@ class MixedCommHandler:
                                              timeout_s)  # fmt: skip
         self.valid_op_list = valid_ops(topo)
         self.valid_mode_list = valid_modes(topo, self.use_autotune, fused)
+        # Launch shape of each fused (op, mode), as other implementations report it.
+        self.max_block_size_dict = {
+            (op, mode): dict(self._fused.launch_shape)
+            for op in self.valid_op_list
+            for mode in self.valid_mode_list
+            if mode in FUSED_MODES
+        }
         self.autotune_ladder = autotune_ladder(topo.dp_size)
         self.autotune_map: dict[MixedCommOp, list[MixedCommMode]] = {}
         if self.use_autotune:
@@ -501,3 +508,12 @@ def run_mixed_comm(
     if mode == MixedCommMode.AUTOTUNE:
         mode = handler.select_autotune_mode(op, x_in)
     return _dispatch(op, handler, x_in, x_out, mode)
+
+
+def _is_compute_capability_supported(cc: int) -> bool:
+    """Whether the fused modes run on a GPU of compute capability ``cc`` (e.g. 90): SM 9.0 and
+    newer. The NCCL modes run anywhere torch.distributed does."""
+    return int(cc) >= 90
+
+
+run_mixed_comm.is_compute_capability_supported = _is_compute_capability_supported

@@ -93,6 +93,8 @@ class FusedMixedComm:
         from ..runtime.peer_memory import PeerMemory
 
         self.topo, self.dtype, self.device, self.grid = topo, dtype, device, grid_size
+        self.launch_shape = {"block_size": int(facts["threads"]),
+                             "max_blocks": min(grid_size, MIXED_MAX_BLOCKS)}  # fmt: skip
         self.failure: FailureState | None = None
         index = device.index
         _module().mixed_comm_prepare(index)  # loaded before any rank's first launch
