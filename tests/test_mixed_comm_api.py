@@ -221,12 +221,28 @@ def _inputs(seed, world, shape, dtype=torch.bfloat16):
     return [(torch.rand(shape, generator=gen) - 0.5).to(dtype) for _ in range(world)]
 
 
+def _layouts(world):
+    """(local_size, local tp, local dp, inter tp, inter dp): every split of one node, and at
+    world 4 two nodes of 2 (TP within the node and DP across, or the other way round)."""
+    one = [(world, tp, world // tp, 1, 1) for tp in range(1, world + 1) if world % tp == 0]
+    return one + ([(2, 2, 1, 1, 2), (2, 1, 2, 2, 1)] if world == 4 else [])
+
+
 def _rank_nccl_modes(rank, world, seed):
     f = Failures()
-    splits = [(tp, world // tp) for tp in range(1, world + 1) if world % tp == 0]
-    for tp, dp in splits:
-        h = _handler(rank, world, tp, dp)
+    for local, ltp, ldp, itp, idp in _layouts(world):
+        h = mc.MixedCommHandler(rank, world, rank % local, local, rank // local, world // local,
+                                ltp, ldp, itp, idp, torch.bfloat16, torch.device("cpu"),
+                                use_autotune=False)  # fmt: skip
         topo = h.para_info
+        tp, dp = topo.tp_size, topo.dp_size
+        if topo.inter_size > 1:
+            try:
+                mc.run_mixed_comm(h.valid_op_list[0], h, torch.zeros(dp, 8, dtype=torch.bfloat16),
+                                  mode=Mode.FUSED_OPT_WAITS_UC)  # fmt: skip
+                f.check(False, "a fused mode ran across nodes")
+            except ValueError as e:
+                f.check("within one node" in str(e), str(e))
         f.check(h.get_valid_op_list() == h.valid_op_list, "get_valid_op_list")
         f.check(Mode.FUSED_OPT_WAITS_UC not in h.valid_mode_list, "fused mode on CPU")
         f.check(h.max_block_size_dict == {}, "launch shapes without fused modes")
@@ -238,7 +254,7 @@ def _rank_nccl_modes(rank, world, seed):
                 for mode in [m for m in h.valid_mode_list if m != Mode.AUTOTUNE] + [None]:
                     out = torch.full_like(want, 7.0)  # poisoned
                     got = mc.run_mixed_comm(op, h, xs[rank], out, mode)
-                    what = f"tp{tp} dp{dp} {op.name} {mode} rows {rows}"
+                    what = f"local {local} tp{tp} dp{dp} {op.name} {mode} rows {rows}"
                     f.check(got is out, f"{what}: x_out not returned")
                     # NCCL_TP_DP rounds RS+AR twice (after the DP sum, after the TP sum).
                     twice = op == Op.REDUCESCATTER_ALLREDUCE and topo.mixed and mode in (
@@ -266,9 +282,11 @@ def _rank_errors(rank, world):
     bad = [
         ((Op.ALLREDUCE, x), "invalid op ALLREDUCE"),
         ((7, x), "invalid op 7"),
-        ((Op.ALLGATHER, x, None, Mode.FUSED_OPT_WAITS_MC), "invalid mode FUSED_OPT_WAITS_MC"),
+        ((Op.ALLGATHER, x, None, Mode.FUSED_OPT_WAITS_MC), "multicast is never enabled"),
+        ((Op.ALLGATHER, x, None, Mode.FUSED_OPT_BYTES2_UC), "no fused inter-node mode"),
+        ((Op.ALLGATHER, x, None, Mode.FUSED_OPT_WAITS_UC), "the fused modes need a GPU"),
         ((Op.ALLGATHER, x, None, Mode.NCCL_TP_DP), "invalid mode NCCL_TP_DP"),
-        ((Op.ALLGATHER, x, None, Mode.AUTOTUNE), "invalid mode AUTOTUNE"),
+        ((Op.ALLGATHER, x, None, Mode.AUTOTUNE), "use_autotune=False"),
         ((Op.ALLGATHER, x, None, 42), "invalid mode 42"),
         ((Op.ALLGATHER, torch.zeros(8, dtype=torch.bfloat16)), r"x_in.ndim \(1\)"),
         ((Op.ALLGATHER, x.half()), "x_in.dtype"),

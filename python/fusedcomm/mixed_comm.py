@@ -426,7 +426,10 @@ def _check_call(
             raise ValueError(f"{fn}: invalid mode {mode!r}") from None
         if mode not in h.valid_mode_list:
             names = [m.name for m in h.valid_mode_list]
-            raise ValueError(f"{fn}: invalid mode {mode.name} for this handler (valid: {names})")
+            raise ValueError(
+                f"{fn}: invalid mode {mode.name} for this handler{_why_invalid(mode, h)} "
+                f"(valid: {names})"
+            )
     if not isinstance(x_in, torch.Tensor):
         raise TypeError(f"{fn}: x_in must be a torch.Tensor, got {type(x_in).__name__}")
     dp = h.para_info.dp_size
@@ -471,6 +474,30 @@ def _check_call(
         if n_in and n_out and a0 < b0 + n_out and b0 < a0 + n_in:
             raise ValueError(f"{fn}: x_out must not overlap x_in")
     return op, mode
+
+
+def _why_invalid(mode: MixedCommMode, h: MixedCommHandler) -> str:
+    topo = h.para_info
+    if mode.name.endswith("_MC"):
+        return ": NVLink multicast is never enabled"
+    if mode.name.startswith("FUSED_OPT_BYTES2"):
+        return ": no fused inter-node mode (no NVSHMEM); use NCCL_ONE or NCCL_TP_DP"
+    if mode in FUSED_MODES:
+        if topo.inter_size > 1:
+            return (
+                f": the fused modes run within one node (inter_size is {topo.inter_size}); use "
+                "NCCL_ONE or NCCL_TP_DP"
+            )
+        if h.device.type != "cuda":
+            return f": the fused modes need a GPU (device is {h.device})"
+        if mode == MixedCommMode.FUSED_OPT_BYTES1_UC and topo.local_tp_size == 1:
+            return ": it needs local_tp_size > 1"
+        return ": the fused modes need local_size <= 8 and an SM 9.0 or newer GPU"
+    if mode == MixedCommMode.NCCL_TP_DP:
+        return ": it needs both tp_size and dp_size > 1"
+    if mode == MixedCommMode.AUTOTUNE:
+        return ": the handler was made with use_autotune=False"
+    return ""
 
 
 def run_mixed_comm(
