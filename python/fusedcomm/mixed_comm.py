@@ -216,14 +216,15 @@ class MixedCommHandler:
             self._tp = _Collectives(self.tp_comm_group, tp_ranks)
             self._dp = _Collectives(self.dp_comm_group, dp_ranks)
         self._agree_on_configuration()
-        fused = self.device.type == "cuda" and topo.inter_size == 1
-        if fused:
-            from .ops.mixed_comm import FusedMixedComm, fused_supported
+        from .ops.mixed_comm import FusedMixedComm, fused_supported
 
-            fused = fused_supported(topo, self.device)
-            if fused:
-                self._fused = FusedMixedComm(topo, self.dtype, self.device, self.grid_size,
-                                             timeout_s)  # fmt: skip
+        here = self.device.type == "cuda" and fused_supported(topo, self.device)
+        every: list[Any] = [None] * topo.world_size
+        dist.all_gather_object(every, here)
+        fused = all(every)  # every rank lists the same modes
+        if fused:
+            self._fused = FusedMixedComm(topo, self.dtype, self.device, self.grid_size,
+                                         timeout_s)  # fmt: skip
         self.valid_op_list = valid_ops(topo)
         self.valid_mode_list = valid_modes(topo, self.use_autotune, fused)
         # Launch shape of each fused (op, mode), as other implementations report it.
