@@ -162,7 +162,7 @@ int main() {
   for (int w = 2; w <= 8; ++w) {
     MixedCommLayout l{w};
     std::printf("L %d %lld %lld %lld\n", w, (long long)l.slots(), (long long)l.size_per_rank(),
-                (long long)l.slot(2, 31, 1, w - 1));
+                (long long)l.slot(2, 127, 1, w - 1));
   }
   // Plan invariants: items cover [0, P) in order, each fits a slot and holds >= min_item packs
   // whenever P >= min_item; blocks <= grid and <= kMaxBlocks.
@@ -201,8 +201,8 @@ def test_layout_and_plan_match_the_header(tmp_path):
 
 def test_layout_by_hand():
     layout = MixedCommLayout(2)
-    assert layout.slots == 128 + 32 * 32  # abort marks, block states
-    assert layout.size_per_rank == 1152 + 3 * 32 * 2 * 2 * 8192
+    assert layout.slots == 128 + 128 * 32  # abort marks, block states
+    assert layout.size_per_rank == 4224 + 3 * 128 * 2 * 2 * 8192
     with pytest.raises(ValueError, match="local_size"):
         MixedCommLayout(9)
 

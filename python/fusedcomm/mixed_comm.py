@@ -120,7 +120,7 @@ class MixedCommHandler:
 
     The fused unicast modes need one node (``inter_size == 1``) and ``local_size <= 8``; they
     share one row of peer-mapped memory per rank. ``grid_size`` (default: the SM count; at
-    most the SM count) bounds their thread blocks (at most 32 run). ``max_block_size``,
+    most the SM count) bounds their thread blocks (at most 128 run). ``max_block_size``,
     ``min_block_size``, ``min_num_steps`` are checked for compatibility (multiples of 32) and
     otherwise unused; ``ib_enable_ibgda`` and ``should_init_nvshmem`` are accepted and unused
     (no NVSHMEM). With ``use_autotune`` every valid mode is timed at construction over the

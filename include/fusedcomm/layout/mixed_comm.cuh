@@ -20,7 +20,7 @@ struct MixedBlockState {
 static_assert(sizeof(MixedBlockState) == 32, "MixedBlockState is 32 bytes");
 
 struct MixedCommLayout {
-  static constexpr int kMaxBlocks = 32;        // G: thread blocks of one call at most
+  static constexpr int kMaxBlocks = 128;       // G: thread blocks of one call at most
   static constexpr int64_t kSlotBytes = 8192;  // S: one (buffer, block, phase, sender) slot
   static constexpr int64_t kSlotPacks = kSlotBytes / 16;
   static constexpr int kMaxLocal = 8;  // ranks of one node

@@ -38,7 +38,7 @@ __all__ = [
     "valid_ops",
 ]
 
-MIXED_MAX_BLOCKS = 32  # MixedCommLayout::kMaxBlocks
+MIXED_MAX_BLOCKS = 128  # MixedCommLayout::kMaxBlocks
 MIXED_SLOT_BYTES = 8192  # MixedCommLayout::kSlotBytes
 MIXED_MAX_LOCAL = 8  # MixedCommLayout::kMaxLocal
 _ALIGN = 128
