@@ -69,14 +69,14 @@ class _Collectives:
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """[size, *x.shape]: every rank's x in group order."""
-        if not self.native:
+        if not (self.native and x.is_cuda):
             return torch.stack(self._gather_host(x))
         out = x.new_empty((self.size, *x.shape))
         dist.all_gather_into_tensor(out, x.contiguous(), group=self.group)
         return out
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.native:
+        if not (self.native and x.is_cuda):
             return _rank_sum(self._gather_host(x)).to(x.dtype)
         out = x.clone()
         dist.all_reduce(out, group=self.group)
@@ -85,7 +85,7 @@ class _Collectives:
     def reduce_scatter(self, x: torch.Tensor) -> torch.Tensor:
         """Block g (of ``size`` along dim 0) summed over the group, on group rank g."""
         me = self.ranks.index(dist.get_rank())
-        if not self.native:
+        if not (self.native and x.is_cuda):
             return _rank_sum([p.chunk(self.size)[me] for p in self._gather_host(x)]).to(x.dtype)
         out = x.new_empty((x.shape[0] // self.size, *x.shape[1:]))
         dist.reduce_scatter_tensor(out, x.contiguous(), group=self.group)
@@ -94,7 +94,7 @@ class _Collectives:
     def all_to_all(self, send: torch.Tensor) -> torch.Tensor:
         """send [size, ...]: entry g goes to group rank g; returns what every rank sent here."""
         me = self.ranks.index(dist.get_rank())
-        if not self.native:
+        if not (self.native and send.is_cuda):
             return torch.stack([p[me] for p in self._gather_host(send)])
         out = torch.empty_like(send)
         dist.all_to_all_single(out, send.contiguous(), group=self.group)
