@@ -128,7 +128,8 @@ def doctor() -> int:
 
 
 # Sections of ``fusedcomm bench``, in the order they run and print; each fails on its own.
-SECTIONS = ("foundation", "allreduce", "fusion", "crossover", "quant", "moe", "moe_a2a", "dcp_a2a")
+SECTIONS = ("foundation", "allreduce", "fusion", "crossover", "quant", "moe", "moe_a2a", "dcp_a2a",
+            "mixed_comm")  # fmt: skip
 _RESULT_KEY = {"crossover": "fusion_crossover"}  # the JSON key of a section, where it differs
 
 
@@ -182,6 +183,10 @@ def _run_section(name: str, world: int, quick: bool) -> dict:
         from .bench import dcp_a2a
 
         return {"dcp_a2a": dcp_a2a.run(world, dcp_a2a.QUICK_BATCHES if quick else dcp_a2a.BATCHES)}
+    if name == "mixed_comm":
+        from .bench import mixed_comm as mc
+
+        return {"mixed_comm": mc.run(world, mc.QUICK_BYTES if quick else mc.LOCAL_BYTES)}
     from .bench import moe, quant
 
     module = {"quant": quant, "moe": moe}[name]
@@ -278,6 +283,12 @@ def _report(name: str, result: dict, world: int) -> str | None:
             f"[batch, cp, {module.STATS}], microseconds per call (median of 5 timed loops, CUDA "
             "events; the slowest rank); NCCL = all_to_all_single of the same bytes, already laid "
             "out by destination; WRONG = the result did not match the reference:\n"
+        )
+    elif name == "mixed_comm":
+        print(
+            f"\nmixed communication, bf16 rows of {2 * module.HIDDEN} bytes, {world} ranks, "
+            "microseconds per call of each mode (median of 5 timed loops, CUDA events; the "
+            "slowest rank); WRONG = a fused mode did not match the reference:\n"
         )
     else:
         print(

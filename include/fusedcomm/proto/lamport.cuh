@@ -25,9 +25,9 @@ __device__ __forceinline__ void lamport_clear(void* dst, int64_t index) {
 
 // Waits (bounded, see wait.cuh) until pack `index` of `src` has arrived from `peer`; returns
 // false if the wait gave up (then `out` is unspecified).
-template <typename T>
-__device__ __forceinline__ bool lamport_pull(const FailureSite& site, int peer, int phase,
-                                             const void* src, int64_t index, Pack<T>& out) {
+template <typename T, typename Site = FailureSite>
+__device__ __forceinline__ bool lamport_pull(const Site& site, int peer, int phase, const void* src,
+                                             int64_t index, Pack<T>& out) {
   const uint4* cell = reinterpret_cast<const uint4*>(src) + index;
   return wait_until(site, peer, phase, lamport_empty_word(sizeof(T)), [&](uint32_t& seen) {
     out.raw = ld_volatile_v4(cell);

@@ -3,7 +3,7 @@ checks. Families generate their per-configuration specs (see allreduce_peer.py).
 
 from __future__ import annotations
 
-from . import allreduce_fusion, allreduce_peer, dcp_a2a, moe_a2a
+from . import allreduce_fusion, allreduce_peer, dcp_a2a, mixed_comm, moe_a2a
 from .spec import JitSpec, Unit
 
 # Failure records and peer-mapped (VMM) memory (host code only).
@@ -27,6 +27,7 @@ ALL_SPECS: dict[str, JitSpec] = {
         *allreduce_fusion.all_specs(),
         *moe_a2a.all_specs(),
         *dcp_a2a.all_specs(),
+        *mixed_comm.all_specs(),
     )
 }
 
@@ -40,6 +41,7 @@ DEFAULT_SPECS: dict[str, JitSpec] = {
         *allreduce_fusion.default_specs(),
         *moe_a2a.all_specs(),
         *dcp_a2a.all_specs(),
+        *mixed_comm.all_specs(),
     )
 }
 

@@ -13,6 +13,7 @@ operation, so a kernel that promises the same order can be compared with ``torch
   at once.
 - :mod:`.dcp_a2a`: the decode context-parallel all-to-all (a transpose across ranks), all ranks
   at once.
+- :mod:`.mixed_comm`: the mixed collectives (AR, AG, RS, AR+AG, RS+AR), all ranks at once.
 """
 
 from .allreduce import all_reduce
@@ -26,6 +27,7 @@ from .fusion import (
     residual_rms_norm,
 )
 from .legacy import custom_all_reduce_reference, legacy_epilogue
+from .mixed_comm import mixed_comm_reference
 from .moe import moe_allreduce_fusion_reference, moe_finalize, moe_reduction
 from .moe_a2a import (
     COMBINE_PAIRWISE_TOP_K,
@@ -79,6 +81,7 @@ __all__ = [
     "fp8_e4m3",
     "fusion_all_reduce",
     "legacy_epilogue",
+    "mixed_comm_reference",
     "moe_allreduce_fusion_reference",
     "moe_finalize",
     "moe_reduction",
