@@ -20,9 +20,9 @@ import warnings
 from pathlib import Path
 
 from .. import envs
-from ..envs import arch_for_capability
 from .._logging import logger
 from .._version import __version__
+from ..envs import arch_for_capability
 from .build import BuildError, build_into, find_nvcc, nvcc_version, private_dirs
 from .spec import JitSpec
 
