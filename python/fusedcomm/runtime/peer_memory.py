@@ -44,9 +44,10 @@ from typing import Any
 
 import torch
 
+from .._checks import int_arg
 from ..dlpack_utils import pack_strided_memory
 from .cuda_ipc import require_cuda
-from .fusion_workspace import _int_arg, _local_step
+from .fusion_workspace import _local_step
 
 __all__ = ["EXCHANGE_TIMEOUT_S", "PeerMemory", "exchange_fds", "peer_memory_workspace"]
 
@@ -242,7 +243,7 @@ def exchange_fds(fd: int, comm_backend: Any, *, timeout_s: float = EXCHANGE_TIME
     fails, every rank raises ``RuntimeError`` and no received fd is left open.
     """
     op = "exchange_fds"
-    _int_arg(op, "fd", fd, 0)
+    int_arg(op, "fd", fd, 0)
     backend = _check_backend(op, comm_backend)
     timeout_s = _timeout_arg(op, timeout_s)
     rank, world = backend.Get_rank(), backend.Get_size()
@@ -418,12 +419,12 @@ class PeerMemory:
     ):
         op = "PeerMemory"
         self._base: int | None = None  # set last, so close() and __del__ work whatever fails
-        self.size_per_rank = _int_arg(op, "size_per_rank", size_per_rank, 1)
+        self.size_per_rank = int_arg(op, "size_per_rank", size_per_rank, 1)
         backend = _check_backend(op, comm_backend)
         if device is None:
             require_cuda(op)
             device = torch.cuda.current_device()
-        self.device = _int_arg(op, "device", device, 0)
+        self.device = int_arg(op, "device", device, 0)
         timeout_s = _timeout_arg(op, timeout_s)
         self.rank, self.world = backend.Get_rank(), backend.Get_size()
         self._base, self.row_stride = _map_rows(
@@ -442,7 +443,7 @@ class PeerMemory:
     def row_ptr(self, q: int) -> int:
         """The device address, on this rank, of rank ``q``'s row."""
         base = self._live("row_ptr")
-        _int_arg("PeerMemory.row_ptr", "q", q, 0)
+        int_arg("PeerMemory.row_ptr", "q", q, 0)
         if q >= self.world:
             raise ValueError(f"PeerMemory.row_ptr: q ({q}) must be < world ({self.world})")
         return base + q * self.row_stride
