@@ -1,4 +1,4 @@
-// The MoE all-to-all workspace (§10.2, §10.3): one row of bytes per rank, mapped by every peer.
+// The MoE all-to-all workspace (docs/moe-a2a.md): one row of bytes per rank, mapped by every peer.
 //
 // A row starts with the auxiliary fields, then the payload data (A(x) = x rounded up to 128):
 //   flag value                 uint32            0
@@ -97,7 +97,8 @@ struct MoeA2ALayout {
   __host__ __device__ constexpr int metainfo_fields() const {
     return eplb_stats_num_experts > 0 ? kMetainfoFields + 1 : kMetainfoFields;
   }
-  // Metainfo entry `field`, in the order of §10.2 (the EPLB entry only with an EPLB region).
+  // Metainfo entry `field`, in the reference API's order (the EPLB entry only with an EPLB
+  // region).
   __host__ __device__ constexpr int64_t metainfo(int field) const {
     switch (field) {
       case 0: return flag_value();
@@ -113,7 +114,7 @@ struct MoeA2ALayout {
     }
   }
 
-  // Bytes one rank allocates (§10.3) for the largest round: M tokens from each of W ranks with
+  // Bytes one rank allocates for the largest round: M tokens from each of W ranks with
   // `dispatch_bytes` (all dispatch payloads together) and `combine_bytes` per token.
   __host__ __device__ constexpr int64_t size_per_rank(int64_t dispatch_bytes,
                                                       int64_t combine_bytes) const {

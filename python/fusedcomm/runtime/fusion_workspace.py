@@ -522,8 +522,9 @@ class TRTLLMAllReduceFusionWorkspace(AllReduceFusionWorkspace):
 
     Collective over ``comm_backend`` (or ``group``); ``tp_size``/``tp_rank`` are that
     group's size and this rank in it. Holds ``ipc_handles``, ``workspace_tensor`` (the
-    pointer table), ``mem_handles`` (empty), ``metadata`` (sizes and shape, §4.1 keys) and
-    ``workspace_bytes`` (device bytes this rank allocated for shared buffers).
+    pointer table), ``mem_handles`` (empty), ``metadata`` (sizes and shape, under the
+    reference API's keys) and ``workspace_bytes`` (device bytes this rank allocated for shared
+    buffers).
     """
 
     def __init__(
