@@ -302,10 +302,7 @@ def _finalize_call(op, where, allreduce_in, norm, moe, outputs, quant, pdl, chec
 
 def _launch_moe(call: MoeFusionCall) -> None:
     """Run one MoE fusion on the current stream (the kernel side's ``launch_moe``)."""
-    launch = getattr(_fusion_launch, "launch_moe", None)
-    if launch is None:
-        raise NotImplementedError(f"{pattern_name(call.pattern)}: MoE kernels are not built yet")
-    launch(call)
+    _fusion_launch.launch_moe(call)
 
 
 def _moe_impl(*args) -> None:
