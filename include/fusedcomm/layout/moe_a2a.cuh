@@ -137,20 +137,12 @@ struct MoeA2ARound {
     for (int p = 0; p < i; ++p) offset += slots() * payload_bytes[p];
     return offset;
   }
-  // Slot j of source rank `src` in dispatch payload i.
-  __host__ __device__ constexpr int64_t dispatch_slot(int i, int src, int64_t j) const {
-    return dispatch_payload(i) + (src * max_tokens + j) * payload_bytes[i];
-  }
   __host__ __device__ constexpr int64_t dispatch_end() const {
     return dispatch_payload(num_payloads);
   }
   // combine_payload_offset: where the combine region [W, R, combine bytes] starts in the row.
   __host__ __device__ constexpr int64_t combine_region() const {
     return MoeA2ALayout::align(dispatch_end());
-  }
-  __host__ __device__ constexpr int64_t combine_slot(int src, int64_t j,
-                                                     int64_t combine_bytes) const {
-    return combine_region() + (src * max_tokens + j) * combine_bytes;
   }
   __host__ __device__ constexpr int64_t combine_end(int64_t combine_bytes) const {
     return combine_region() + slots() * combine_bytes;
