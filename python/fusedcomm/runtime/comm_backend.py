@@ -269,6 +269,28 @@ def allgather_bytes(backend: CommBackend, data: bytes) -> list[bytes]:
     return [bytes(item) for item in gathered]
 
 
+def _agree(backend, op: str, what: str, error: BaseException | None) -> None:
+    """Every rank learns whether ``what`` failed on any rank; all raise together if so."""
+    note = None if error is None else f"{type(error).__name__}: {error}"
+    notes = backend.allgather(note)
+    failed = [(r, n) for r, n in enumerate(notes) if n is not None]
+    if failed:
+        detail = "; ".join(f"rank {r}: {n}" for r, n in failed)
+        raise RuntimeError(f"{op}: {what} failed ({detail})") from error
+
+
+def local_step(backend, op: str, what: str, fn):
+    """Run a rank-local step, then agree on its outcome (so no rank waits for a failed peer)."""
+    error = None
+    result = None
+    try:
+        result = fn()
+    except Exception as exc:  # noqa: BLE001 - shared with the peers, then re-raised
+        error = exc
+    _agree(backend, op, what, error)
+    return result
+
+
 def _check_backend(op: str, backend: Any) -> None:
     if not isinstance(backend, CommBackend):
         raise TypeError(

@@ -38,7 +38,7 @@ import torch
 from .._checks import ELEMENT_SIZE, element_size, int_arg
 from ..enums import MAX_ALL_REDUCE_BLOCKS, LamportTokenNumThreshold
 from . import fusion_control
-from .comm_backend import resolve_backend
+from .comm_backend import local_step, resolve_backend
 from .cuda_ipc import CudaRTLibrary, create_shared_buffer, free_shared_buffer
 from .lamport import trtllm_lamport_initialize, trtllm_lamport_initialize_all
 
@@ -181,28 +181,6 @@ class _Resources:
         return problems
 
 
-def _agree(backend, op: str, what: str, error: BaseException | None) -> None:
-    """Every rank learns whether ``what`` failed on any rank; all raise together if so."""
-    note = None if error is None else f"{type(error).__name__}: {error}"
-    notes = backend.allgather(note)
-    failed = [(r, n) for r, n in enumerate(notes) if n is not None]
-    if failed:
-        detail = "; ".join(f"rank {r}: {n}" for r, n in failed)
-        raise RuntimeError(f"{op}: {what} failed ({detail})") from error
-
-
-def _local_step(backend, op: str, what: str, fn):
-    """Run a rank-local step, then agree on its outcome (so no rank waits for a failed peer)."""
-    error = None
-    result = None
-    try:
-        result = fn()
-    except Exception as exc:  # noqa: BLE001 - shared with the peers, then re-raised
-        error = exc
-    _agree(backend, op, what, error)
-    return result
-
-
 def _create(op: str, backend, sizes: list[int], fill, finish):
     """Allocate ``sizes`` as shared buffers, run ``fill(res)`` and ``finish(res)`` locally
     with agreement, end with a barrier; on any failure release everything and raise."""
@@ -217,7 +195,7 @@ def _create(op: str, backend, sizes: list[int], fill, finish):
                         f"{sum(sizes)} bytes needed, {free} free on cuda:{_current_device()}"
                     )
 
-        _local_step(backend, op, "the device memory check", enough_memory)
+        local_step(backend, op, "the device memory check", enough_memory)
         for i, size in enumerate(sizes):
             try:
                 res.shared.append(create_shared_buffer(size, comm_backend=backend))
@@ -225,8 +203,8 @@ def _create(op: str, backend, sizes: list[int], fill, finish):
                 raise RuntimeError(
                     f"{op}: allocating shared buffer {i} ({size} bytes) failed: {exc}"
                 ) from exc
-        _local_step(backend, op, "initialising the buffers", lambda: fill(res))
-        result = _local_step(backend, op, "building the pointer table", lambda: finish(res))
+        local_step(backend, op, "initialising the buffers", lambda: fill(res))
+        result = local_step(backend, op, "building the pointer table", lambda: finish(res))
         backend.barrier()
         return res, result
     except BaseException as exc:
