@@ -91,7 +91,9 @@ void allreduce_fusion_moe_launch(
   }
   a.eps = static_cast<float>(rms_eps);
   a.weight_bias = static_cast<float>(weight_bias);
-  a.fp32_acc = true;  // fixed rank-order fp32 sum, as every pattern of the family
+  // always the fixed rank-order sum in fp32 (the other patterns keep it in T unless the
+  // caller asks for fp32_acc)
+  a.fp32_acc = true;
   a.trigger_at_end = true;
   // 2. and 3. device, stream, plan, launch
   launch_call(op, a, static_cast<int>(pattern), c, table, token_num, hidden, world, rank, control,

@@ -18,8 +18,8 @@ from fusedcomm.bench.timing import capture, time_graph, time_loop  # noqa: E402
 from fusedcomm.jit import allreduce_peer, load  # noqa: E402
 from fusedcomm.jit.configs import world_key  # noqa: E402
 from fusedcomm.ops import vllm_ar  # noqa: E402
-from fusedcomm.runtime.vllm_comm import VllmComm  # noqa: E402
 from fusedcomm.testing.dist import run_ranks  # noqa: E402
+from fusedcomm.testing.vllm_comm import VllmComm  # noqa: E402
 
 VARIANTS = {f"unroll{u}": u for u in (1, 2, 4, 8)}
 SIZES = [8 << 10, 512 << 10, 2 << 20, 8 << 20, 32 << 20]

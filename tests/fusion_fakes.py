@@ -5,6 +5,7 @@ import torch
 
 import fusedcomm as comm
 from fusedcomm.ops import _fusion_launch
+from fusedcomm.runtime import fusion_control
 from fusedcomm.runtime import fusion_workspace as fw
 
 W, M, D = 2, 64, 256
@@ -99,8 +100,8 @@ def dev(monkeypatch):
     )
     monkeypatch.setattr(fw, "_current_device", lambda: 0)
     monkeypatch.setattr(fw, "_table_device", lambda: torch.device("cpu"))
-    monkeypatch.setattr(_fusion_launch, "new_control_block", d.new_control_block)
-    monkeypatch.setattr(_fusion_launch, "workspace_bytes", fake_plan)
+    monkeypatch.setattr(fusion_control, "new_control_block", d.new_control_block)
+    monkeypatch.setattr(fusion_control, "workspace_bytes", fake_plan)
     monkeypatch.setattr(_fusion_launch, "launch", d.launches.append)
     monkeypatch.setattr(_fusion_launch, "launch_moe", d.launches.append)
     return d

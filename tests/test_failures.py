@@ -14,8 +14,8 @@ import torch
 
 import fusedcomm as comm
 from fusedcomm.ops import vllm_ar
-from fusedcomm.runtime.vllm_comm import VllmComm
 from fusedcomm.testing.dist import all_reduce, barrier, run_ranks
+from fusedcomm.testing.vllm_comm import VllmComm
 
 N = 4096  # fp32 elements: 16 KiB, two blocks
 

@@ -9,7 +9,7 @@ import torch
 
 import fusedcomm as comm
 import fusion_fakes
-from fusedcomm.ops import _fusion_launch
+from fusedcomm.runtime import fusion_control
 from fusedcomm.runtime import fusion_workspace as fw
 from fusion_fakes import BF16, D, FakeBackend, M, W, fake_plan, make_ws
 
@@ -296,7 +296,7 @@ def test_oneshot_capacity_follows_the_lamport_segment(dev, monkeypatch):
     def capped(w, m, d, dtype):
         return dict(fake_plan(w, m, d, dtype), segment=1024, lamport=3072)
 
-    monkeypatch.setattr(_fusion_launch, "workspace_bytes", capped)
+    monkeypatch.setattr(fusion_control, "workspace_bytes", capped)
     with pytest.warns(UserWarning, match="capped at 1024"):
         ws = make_ws()
     # one-shot puts W * N * D elements in one segment: 2 * 256 * 2 bytes fit, 2 * 257 * 2 not

@@ -9,6 +9,7 @@ from fusedcomm.enums import MAX_COMM_SIZE
 from fusedcomm.jit.allreduce_fusion import KERNEL_PARTS
 from fusedcomm.ops import _fusion_launch as fl
 from fusedcomm.ops import allreduce_fusion as af
+from fusedcomm.runtime import fusion_control as fc
 
 BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
 
@@ -189,10 +190,10 @@ def test_launch_entry_checks_before_anything():
 
 
 def _fake_block(ptr):
-    block = fl.ControlBlock.__new__(fl.ControlBlock)
+    block = fc.ControlBlock.__new__(fc.ControlBlock)
     block.ptr, block.device, block.segment_bytes, block.timeout_s = ptr, 0, 1 << 20, 1.0
     block.comm_bytes = 1 << 20
-    fl._BY_PTR[ptr] = block
+    fc._BY_PTR[ptr] = block
     return block
 
 
@@ -200,15 +201,15 @@ def test_a_call_finds_its_control_block_by_the_table():
     block = _fake_block(0xC0DE00)
     try:
         table = torch.tensor([1, 2, 3, 4, 5, 6, 0xC0DE00], dtype=torch.int64)
-        assert fl._block_for(table) is block  # first use: reads the last entry once
-        assert fl._BY_TABLE[table.data_ptr()][1] is block
-        assert fl._block_for(table) is block  # then by identity, without a read
+        assert fc._block_for(table) is block  # first use: reads the last entry once
+        assert fc._BY_TABLE[table.data_ptr()][1] is block
+        assert fc._block_for(table) is block  # then by identity, without a read
         copy = table.clone()
-        assert fl._block_for(copy) is block
+        assert fc._block_for(copy) is block
         stale = torch.tensor([1, 2, 3, 4, 5, 6, 0xBAD00], dtype=torch.int64)
         with pytest.raises(ValueError, match="not a live workspace"):
-            fl._block_for(stale)
+            fc._block_for(stale)
     finally:
-        fl._BY_PTR.pop(0xC0DE00, None)
-        for k in [k for k, (_, b) in fl._BY_TABLE.items() if b is block]:
-            del fl._BY_TABLE[k]
+        fc._BY_PTR.pop(0xC0DE00, None)
+        for k in [k for k, (_, b) in fc._BY_TABLE.items() if b is block]:
+            del fc._BY_TABLE[k]

@@ -396,7 +396,8 @@ def _misuse(f, a2a, rank, world, experts, payloads, r):
 
 
 def _received_views(a2a, rank, world, payloads, r):
-    """What moe_a2a_dispatch returns, built from the documented layout (§10.2)."""
+    """What moe_a2a_dispatch returns, built from the workspace layout
+    (``include/fusedcomm/layout/moe_a2a.cuh``)."""
     sizes = [math.prod(p.shape[1:]) * p.element_size() for p in payloads]
     layout = MoeA2ALayout(world, a2a.max_num_tokens)
     row = a2a.workspace[rank]

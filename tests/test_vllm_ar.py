@@ -13,9 +13,9 @@ import torch.distributed as dist
 
 import fusedcomm as comm
 from fusedcomm import reference
-from fusedcomm.runtime.vllm_comm import VllmComm
 from fusedcomm.testing.checks import Failures, assert_no_failures
 from fusedcomm.testing.dist import all_reduce, barrier, gather_all, run_ranks
+from fusedcomm.testing.vllm_comm import VllmComm
 
 VEC = {torch.float32: 4, torch.float16: 8, torch.bfloat16: 8}
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.utils.dlpack
 
-from .runtime.cuda_ipc import require_cuda
+from ._checks import int_arg, require_cuda
 
 __all__ = ["pack_strided_memory"]
 
@@ -185,14 +184,6 @@ def _view_from_pointer(
     return out if carrier == dtype else out.view(dtype)
 
 
-def _check_int(op: str, name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{op}: {name} ({value}) must be >= {minimum}")
-    return value
-
-
 def pack_strided_memory(
     ptr: int,
     segment_size: int,
@@ -223,10 +214,10 @@ def pack_strided_memory(
         raise TypeError(f"{op}: ptr must be an int, got {type(ptr).__name__}")
     if ptr <= 0 or ptr >= 1 << 64:
         raise ValueError(f"{op}: ptr ({ptr:#x}) must be a non-null 64-bit address")
-    _check_int(op, "segment_size", segment_size, 1)
-    _check_int(op, "segment_stride", segment_stride, 1)
-    _check_int(op, "num_segments", num_segments, 1)
-    _check_int(op, "dev_id", dev_id, 0)
+    int_arg(op, "segment_size", segment_size, 1)
+    int_arg(op, "segment_stride", segment_stride, 1)
+    int_arg(op, "num_segments", num_segments, 1)
+    int_arg(op, "dev_id", dev_id, 0)
     elem = dtype.itemsize
     if segment_size % elem:
         raise ValueError(

@@ -113,7 +113,8 @@ def pattern_name(pattern: int) -> str:
 BarrierFlagCount = 256
 # Cap on one Lamport segment of the fusion workspace, in bytes (INT32_MAX rounded down to 2 MiB).
 MAX_COMM_SIZE = 2147483647 & ~((1 << 21) - 1)
-# The MoE fusions warn above this many tokens but still run one-shot.
+# Exported for compatibility only: nothing here reads it. The MoE fusions run one-shot at any
+# token count whose rows fit one Lamport segment, without a warning, and refuse larger calls.
 OneShotMaxToken = 128
 # Sizing of the legacy (non-fusion) workspace.
 MAX_ALL_REDUCE_BLOCKS = 24

@@ -58,6 +58,12 @@ def _split(value: str) -> list[str]:
     return value.replace(",", " ").replace(";", " ").split()
 
 
+def arch_for_capability(major: int, minor: int) -> str:
+    """SM90 -> '9.0a', SM100 -> '10.0a' (arch-specific features); others plain, e.g. '8.0'."""
+    suffix = "a" if major in (9, 10) else ""
+    return f"{major}.{minor}{suffix}"
+
+
 def _torch_arch(entry: str) -> str:
     """A TORCH_CUDA_ARCH_LIST entry as our target name: "9.0" -> "9.0a", "8.6+PTX" -> "8.6"."""
     base = entry[:-4] if entry.upper().endswith("+PTX") else entry
@@ -70,8 +76,6 @@ def _torch_arch(entry: str) -> str:
         ) from None
     if base[-1] in "af":  # already names a feature set
         return base
-    from .jit.loader import arch_for_capability
-
     return arch_for_capability(major, minor)
 
 

@@ -30,6 +30,8 @@ from __future__ import annotations
 import collections.abc
 from typing import Any
 
+from ._checks import int_arg
+
 __all__ = ["Mapping"]
 
 # Sizes given as -1 are derived from the others.
@@ -55,14 +57,10 @@ _CONFIG_KEYS = (
 
 def _check_int(name: str, value: Any, *, minimum: int, allow_unset: bool = False) -> int:
     """Return ``value`` if it is an int >= ``minimum`` (or -1 when allowed)."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"Mapping: {name} must be an int, got {type(value).__name__} ({value!r})")
-    if allow_unset and value == _UNSET:
+    if allow_unset and int_arg("Mapping", name, value) == _UNSET:
         return value
-    if value < minimum:
-        extra = " (or -1 to derive it)" if allow_unset else ""
-        raise ValueError(f"Mapping: {name} ({value}) must be >= {minimum}{extra}")
-    return value
+    hint = " (or -1 to derive it)" if allow_unset else ""
+    return int_arg("Mapping", name, value, minimum, hint=hint)
 
 
 def _derive(name: str, total: int, total_desc: str, divisor: int, divisor_desc: str) -> int:

@@ -1,4 +1,5 @@
-// E2M1 (FP4) codes: two per byte, element 2i in the low nibble (§3.4).
+// E2M1 (FP4) codes: two per byte, element 2i in the low nibble (reference:
+// python/fusedcomm/reference/quant.py).
 //
 //   e2m1_pair(lo, hi) -> the byte code(lo) | code(hi) << 4
 // code = sign bit (bit 3) | index of |x| rounded to the nearest of 0, .5, 1, 1.5, 2, 3, 4, 6

@@ -1,4 +1,5 @@
-// FP8 E4M3 quantisers of a normalised row (§3.3); both read the T-rounded row y.
+// FP8 E4M3 quantisers of a normalised row; both read the T-rounded row y (reference:
+// python/fusedcomm/reference/fusion.py).
 //
 //   QuantFp8Static   q_j = e4m3(float(y_j) * inv), inv = 1 / scale_factor[0] (fp32, read on
 //                    the device, so CUDA-graph replays see new values)

@@ -1,4 +1,5 @@
-// QuantFp8Group: per-token-group FP8 E4M3 of a normalised row with UE8M0 scales (§3.3).
+// QuantFp8Group: per-token-group FP8 E4M3 of a normalised row with UE8M0 scales (reference:
+// python/fusedcomm/reference/quant.py).
 //
 // For group k of g consecutive values of row t (g > 0 divides hidden; any g, also groups that
 // straddle or share a 16-byte pack):

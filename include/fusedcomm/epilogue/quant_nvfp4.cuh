@@ -1,4 +1,5 @@
-// QuantNvfp4: NVFP4 quantiser of a normalised row (§3.4), 16-element blocks.
+// QuantNvfp4: NVFP4 quantiser of a normalised row, 16-element blocks (reference:
+// python/fusedcomm/reference/quant.py).
 //
 // Per block b (two neighbouring packs, held by threads 2i and 2i+1 of the block: the row's
 // slots are strided by blockDim.x, which is even, so a block never straddles two slots):

@@ -1,4 +1,4 @@
-// ResidualAdd: the first step of the fused patterns (§3.2 step 1).
+// ResidualAdd: the first step of the fused patterns (python/fusedcomm/reference/fusion.py).
 //
 //   p_j = rd_T(float(s_j) + float(residual_in_j)), written to residual_out (unless it is null:
 //   the MoE patterns make it optional); the row becomes p.

@@ -1,4 +1,5 @@
-// RmsNorm: RMS normalisation of a row with fp32 statistics (§3.2 steps 2-4).
+// RmsNorm: RMS normalisation of a row with fp32 statistics (reference:
+// python/fusedcomm/reference/fusion.py).
 //
 //   ms = sum_j float(p_j)^2 / hidden;  rstd = rsqrt(ms + eps)
 //   y_j = rd_T((float(p_j) * rstd) * (weight_bias + float(gamma_j)))

@@ -1,4 +1,4 @@
-// allreduce_fusion_oneshot: Lamport one-shot all-reduce + fused epilogue (§4.3).
+// allreduce_fusion_oneshot: Lamport one-shot all-reduce + fused epilogue.
 //
 // Block b handles token row b; thread t holds packs t, t + B, ... of the row in registers.
 //   pdl_wait, read the table and control block (f = segment, c = packs to clear)

@@ -1,5 +1,5 @@
 // allreduce_fusion_twoshot: reduce-scatter + all-gather through the comm buffers, then the
-// fused epilogue (§4.4 with per-block meetings instead of grid-wide flags).
+// fused epilogue (a barrier-flag two-shot with per-block meetings instead of grid-wide flags).
 //
 // Block b of G handles token rows b, b + G, ... in every phase, on every rank; row t is cut
 // into W parts of packs, part k = [k*P/W, (k+1)*P/W) (P = packs per row).

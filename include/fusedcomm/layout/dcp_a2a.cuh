@@ -1,5 +1,5 @@
-// The decode context-parallel all-to-all workspace (§11): one row of bytes per rank, mapped by
-// every peer at one stride. W = cp_size, C = kChannels, A(x) = x rounded up to 128:
+// The decode context-parallel all-to-all workspace (docs/dcp-a2a.md): one row of bytes per rank,
+// mapped by every peer at one stride. W = cp_size, C = kChannels, A(x) = x rounded up to 128:
 //   sequence numbers   uint64 [C]          0                  (own: chunks done per channel)
 //   abort marks        uint32 [W]          C * 8              ([p]: rank p gave up)
 //   ready flags        uint32 [C][2][W]    A(C * 8 + 4W)      ([c][b][p]: written by sender p)

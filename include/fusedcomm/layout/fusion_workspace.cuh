@@ -39,7 +39,7 @@ __host__ __device__ constexpr uint32_t fusion_call_word(uint32_t call, uint32_t 
   return (call << 8) | ((digest & 0x3fu) << 2) | (algorithm & 0x3u);
 }
 
-// The rank-local control block. The first five int32 are FlashInfer's (§4.1) with our units.
+// The rank-local control block. The first five int32 are FlashInfer's with our units.
 struct FusionControl {
   int32_t arrivals;       // [0] blocks of the running call that have finished
   int32_t calls;          // [1] calls completed (FlashInfer: the two-shot flag value)

@@ -1,4 +1,4 @@
-// The MoE all-to-all workspace (§10.2, §10.3): one row of bytes per rank, mapped by every peer.
+// The MoE all-to-all workspace (docs/moe-a2a.md): one row of bytes per rank, mapped by every peer.
 //
 // A row starts with the auxiliary fields, then the payload data (A(x) = x rounded up to 128):
 //   flag value                 uint32            0
@@ -97,7 +97,8 @@ struct MoeA2ALayout {
   __host__ __device__ constexpr int metainfo_fields() const {
     return eplb_stats_num_experts > 0 ? kMetainfoFields + 1 : kMetainfoFields;
   }
-  // Metainfo entry `field`, in the order of §10.2 (the EPLB entry only with an EPLB region).
+  // Metainfo entry `field`, in the reference API's order (the EPLB entry only with an EPLB
+  // region).
   __host__ __device__ constexpr int64_t metainfo(int field) const {
     switch (field) {
       case 0: return flag_value();
@@ -113,7 +114,7 @@ struct MoeA2ALayout {
     }
   }
 
-  // Bytes one rank allocates (§10.3) for the largest round: M tokens from each of W ranks with
+  // Bytes one rank allocates for the largest round: M tokens from each of W ranks with
   // `dispatch_bytes` (all dispatch payloads together) and `combine_bytes` per token.
   __host__ __device__ constexpr int64_t size_per_rank(int64_t dispatch_bytes,
                                                       int64_t combine_bytes) const {
@@ -136,20 +137,12 @@ struct MoeA2ARound {
     for (int p = 0; p < i; ++p) offset += slots() * payload_bytes[p];
     return offset;
   }
-  // Slot j of source rank `src` in dispatch payload i.
-  __host__ __device__ constexpr int64_t dispatch_slot(int i, int src, int64_t j) const {
-    return dispatch_payload(i) + (src * max_tokens + j) * payload_bytes[i];
-  }
   __host__ __device__ constexpr int64_t dispatch_end() const {
     return dispatch_payload(num_payloads);
   }
   // combine_payload_offset: where the combine region [W, R, combine bytes] starts in the row.
   __host__ __device__ constexpr int64_t combine_region() const {
     return MoeA2ALayout::align(dispatch_end());
-  }
-  __host__ __device__ constexpr int64_t combine_slot(int src, int64_t j,
-                                                     int64_t combine_bytes) const {
-    return combine_region() + (src * max_tokens + j) * combine_bytes;
   }
   __host__ __device__ constexpr int64_t combine_end(int64_t combine_bytes) const {
     return combine_region() + slots() * combine_bytes;

@@ -1,4 +1,5 @@
-// Where block-quantisation scales go: one layout object per scale buffer (§3.3, §3.5).
+// Where block-quantisation scales go: one layout object per scale buffer (reference:
+// python/fusedcomm/reference/quant.py).
 //
 //   SfLayout         NVFP4 scale byte (row m, block column k), K = hidden / 16 columns,
 //                    Kt = ceil(K / 4):

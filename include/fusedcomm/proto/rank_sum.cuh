@@ -1,4 +1,4 @@
-// RankSum: the rank-ordered sum of one 16-byte pack over the ranks (§3.1).
+// RankSum: the rank-ordered sum of one 16-byte pack over the ranks (docs/deterministic.md).
 //
 //   RankSum<T> s(x_0, fp32_acc); s.add(x_1); ...; s.add(x_{W-1}); Pack<T> r = s.result();
 // With fp32 accumulation (fp32_acc, or T = float) the sum is kept in fp32 and rounded to T

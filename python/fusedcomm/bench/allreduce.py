@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from ..ops import vllm_ar
-from ..runtime.vllm_comm import VllmComm
+from ..testing.vllm_comm import VllmComm
 from .timing import capture, time_graph, time_loop
 
 HIDDEN = 4096

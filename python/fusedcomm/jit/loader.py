@@ -22,6 +22,7 @@ from pathlib import Path
 from .. import envs
 from .._logging import logger
 from .._version import __version__
+from ..envs import arch_for_capability
 from .build import BuildError, build_into, find_nvcc, nvcc_version, private_dirs
 from .spec import JitSpec
 
@@ -50,12 +51,6 @@ def current_arch() -> str:
         "fusedcomm: no CUDA GPU is visible and FUSEDCOMM_CUDA_ARCH_LIST is not set, so the "
         "target architecture is unknown"
     )
-
-
-def arch_for_capability(major: int, minor: int) -> str:
-    """SM90 -> '9.0a', SM100 -> '10.0a' (arch-specific features); others plain, e.g. '8.0'."""
-    suffix = "a" if major in (9, 10) else ""
-    return f"{major}.{minor}{suffix}"
 
 
 def check_safe(path: Path, *, trust_root: bool = False) -> None:

@@ -1,34 +1,31 @@
 """The boundary between the fused all-reduce frontends and their kernels.
 
-The frontends (``ops/allreduce_fusion.py``, ``runtime/fusion_workspace.py``) validate the user's
-arguments and normalise them into a :class:`FusionCall`; everything below this line (planning,
-per-configuration modules, the launch) lives here and in the compiled modules
-(``jit/allreduce_fusion.py``: a host-only control module and one kernel module per dtype and
-world size).
-
-How ``launch`` finds a workspace's :class:`ControlBlock` without synchronising: every control
-block is registered by its device address (the last entry of the pointer table). The frontend
-binds the pointer table it builds to the block with :meth:`ControlBlock.attach` (or
-:func:`attach_table`); a call then finds the block by the table's ``data_ptr`` (checked by
-identity through a weak reference, so a new tensor at a recycled address is never confused
-with the old one). A table that was never attached (e.g. a copy the caller made) is bound on
-its first call by reading its last entry once, which synchronises; that is refused while a
-CUDA graph is being captured.
+The frontends (``ops/allreduce_fusion.py``, ``ops/moe_fusion.py``) validate the user's
+arguments and normalise them into a :class:`FusionCall` (or a ``MoeFusionCall``); planning,
+the per-configuration kernel modules and the launch live here, the control module and each
+workspace's control block in ``runtime/fusion_control.py`` (``jit/allreduce_fusion.py``: a
+host-only control module and one kernel module per dtype and world size).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import weakref
 
 import torch
 
-from .. import envs
+from .._checks import ELEMENT_SIZE
 from ..jit import allreduce_fusion as specs
 from ..jit import load
 from ..jit.configs import dtype_key, world_key
-from ..runtime.failures import FailureState, FamilyNames
+from ..runtime.fusion_control import (  # noqa: F401  (re-exported: the family's one entry)
+    ControlBlock,
+    _block_for,
+    _control,
+    _describe,
+    attach_table,
+    new_control_block,
+    workspace_bytes,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,18 +63,9 @@ class FusionCall:
     block_quant_group_size: int | None = None
 
 
-@functools.cache
-def _control():
-    """The host-only control module (no GPU or architecture needed to load it)."""
-    return load(specs.control_spec())
+# Bytes of one token row the kernels take: 65536 16-bit or 32768 fp32 elements.
+MAX_ROW_BYTES = 131072
 
-
-@functools.cache
-def _describe() -> dict:
-    return dict(_control().allreduce_fusion_describe())
-
-
-_ELEM = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4}
 _launchers: dict[tuple[torch.dtype, int], int] = {}
 
 
@@ -95,80 +83,6 @@ def _launcher(dtype: torch.dtype, world: int) -> int:
             )
         address = _launchers[key] = int(module.allreduce_fusion_launcher())
     return address
-
-
-class ControlBlock:
-    """The rank-local control block of one fusion workspace (protocol state + failure record).
-
-    ``ptr`` is its device address (the last entry of the workspace pointer table);
-    ``segment_bytes`` and ``comm_bytes`` the sizes of the workspace's Lamport segment and
-    two-shot buffer (the launch refuses calls that would overflow either);
-    ``failure`` the workspace's FailureState (``failure.check(op)`` raises if a kernel of this
-    workspace gave up on a peer). ``close()`` frees both; call it once, after the device has
-    finished every call that used it.
-    """
-
-    def __init__(self, device: int, segment_bytes: int, comm_bytes: int, timeout_s: float):
-        self.device, self.timeout_s = device, timeout_s
-        self.segment_bytes, self.comm_bytes = segment_bytes, comm_bytes
-        d = _describe()
-        self.failure = FailureState(
-            device, FamilyNames(str(d["op"]), tuple(str(p) for p in d["phases"]))
-        )
-        try:
-            self.ptr = int(_control().allreduce_fusion_control_create(device, segment_bytes))
-        except BaseException:
-            self.failure.close()
-            raise
-        _BY_PTR[self.ptr] = self
-
-    def attach(self, table: torch.Tensor) -> None:
-        """Bind a pointer table (whose last entry is this block) so calls find it without a
-        device read."""
-        _BY_TABLE[table.data_ptr()] = (weakref.ref(table), self)
-
-    def close(self) -> None:
-        if not self.ptr:
-            return
-        _BY_PTR.pop(self.ptr, None)
-        for key in [k for k, (_, cb) in _BY_TABLE.items() if cb is self]:
-            del _BY_TABLE[key]
-        _control().allreduce_fusion_control_destroy(self.device, self.ptr)
-        self.ptr = 0
-        self.failure.close()
-
-
-_BY_PTR: dict[int, ControlBlock] = {}
-_BY_TABLE: dict[int, tuple[weakref.ref, ControlBlock]] = {}
-
-
-def attach_table(table: torch.Tensor) -> ControlBlock:
-    """Bind ``table`` (a workspace pointer table) to its control block and return the block.
-    Reads the table's last entry (synchronises); frontends call it once, at creation."""
-    found = _BY_TABLE.get(table.data_ptr())
-    if found is not None and found[0]() is table:
-        return found[1]
-    if table.is_cuda and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(
-            "allreduce_fusion: workspace_ptrs was never used outside a CUDA graph "
-            "capture; call the op once eagerly (or attach the table) first"
-        )
-    ptr = int(table.reshape(-1)[-1].item())
-    block = _BY_PTR.get(ptr)
-    if block is None:
-        raise ValueError(
-            f"allreduce_fusion: workspace_ptrs names control block {ptr:#x}, which "
-            "is not a live workspace of this process (destroyed?)"
-        )
-    block.attach(table)
-    return block
-
-
-def _block_for(table: torch.Tensor) -> ControlBlock:
-    found = _BY_TABLE.get(table.data_ptr())
-    if found is not None and found[0]() is table:
-        return found[1]
-    return attach_table(table)
 
 
 def _algorithm(use_oneshot: bool | None) -> int:
@@ -189,7 +103,12 @@ def plan(
     alg, threads, packs, blocks = (
         int(v)
         for v in _control().allreduce_fusion_plan(
-            token_num, hidden_dim, _ELEM[dtype], world_size, segment_bytes, _algorithm(use_oneshot)
+            token_num,
+            hidden_dim,
+            ELEMENT_SIZE[dtype],
+            world_size,
+            segment_bytes,
+            _algorithm(use_oneshot),
         )
     )
     return {
@@ -290,30 +209,3 @@ def launch_moe(call) -> None:
         int(c.top_k),
         _launcher(c.residual_in.dtype, c.world_size),
     )
-
-
-def new_control_block(
-    device: int, segment_bytes: int, comm_bytes: int, timeout_s: float | None
-) -> ControlBlock:
-    """Allocate and initialise a control block for a workspace whose Lamport segment is
-    ``segment_bytes`` long and whose two-shot buffer holds ``comm_bytes`` (failure state
-    included; ``timeout_s`` None = the default)."""
-    timeout = envs.default_timeout_s() if timeout_s is None else float(timeout_s)
-    return ControlBlock(device, int(segment_bytes), int(comm_bytes), timeout)
-
-
-def workspace_bytes(
-    world_size: int, max_token_num: int, hidden_dim: int, dtype: torch.dtype
-) -> dict[str, int]:
-    """Sizes of the shared buffers of one rank: comm, flags, lamport (3 segments), segment."""
-    if dtype not in _ELEM:
-        raise TypeError(
-            f"fusion_workspace_bytes: dtype ({dtype}) must be float16, bfloat16 or float32"
-        )
-    comm, flags, lamport, segment = (
-        int(v)
-        for v in _control().allreduce_fusion_workspace_bytes(
-            world_size, max_token_num, hidden_dim, _ELEM[dtype]
-        )
-    )
-    return {"comm": comm, "flags": flags, "lamport": lamport, "segment": segment}

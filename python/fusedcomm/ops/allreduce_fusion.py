@@ -10,12 +10,19 @@ and CUDA graphs.
 
 from __future__ import annotations
 
-import numbers
 import warnings
 from typing import Any
 
 import torch
 
+# the shared argument checks under this family's short names (ops/allreduce_legacy.py too)
+from .._checks import ELEMENT_SIZE as _ELEM
+from .._checks import bool_arg as _flag
+from .._checks import contiguous_on as _tensor
+from .._checks import element_size as _elem
+from .._checks import int_arg as _int
+from .._checks import real_arg as _real
+from .._checks import tensor_arg as _is_tensor
 from ..enums import (
     AllReduceFusionPattern,
     QuantizationSFLayout,
@@ -29,14 +36,13 @@ from ..runtime.fusion_workspace import (
     metadata_problems,
 )
 from . import _fusion_launch
+from ._fusion_launch import MAX_ROW_BYTES
 from ._register import register_op, tracing
 from .moe_fusion import moe_unified_call
 
 __all__ = ["allreduce_fusion", "trtllm_allreduce_fusion"]
 
 _P = AllReduceFusionPattern
-_ELEM = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4}
-_MAX_ROW_BYTES = 131072  # 65536 16-bit or 32768 fp32 elements per token
 _MAX_QUANT_GROUPS = 8192  # per-token-group FP8: groups per row (kMaxQuantGroups)
 _LAYOUT_NAMES = ("SWIZZLED_128x4", "SWIZZLED_8x4", "LINEAR")  # QuantizationSFLayout values
 _ACT = "act"  # an [N, D] tensor of the input's dtype
@@ -99,53 +105,6 @@ def _pattern_arg(op: str, pattern: Any) -> int:
     return pattern
 
 
-def _int(op: str, name: str, value: Any, minimum: int) -> int:
-    # torch.SymInt: a size that torch.compile traces symbolically (plain ints skip the scan)
-    if type(value) is not int and (
-        isinstance(value, bool) or not isinstance(value, (int, torch.SymInt))
-    ):
-        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < minimum:
-        raise ValueError(f"{op}: {name} ({value}) must be >= {minimum}")
-    return value
-
-
-def _flag(op: str, name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__} ({value!r})")
-    return value
-
-
-def _real(op: str, name: str, value: Any) -> float:
-    if type(value) is float:
-        return value
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{op}: {name} must be a float, got {type(value).__name__} ({value!r})")
-    return float(value)
-
-
-def _is_tensor(op: str, name: str, t: Any) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
-
-
-def _elem(op: str, dtype: torch.dtype) -> int:
-    """Bytes per element of an input dtype (TypeError for any other dtype)."""
-    elem = _ELEM.get(dtype)
-    if elem is None:
-        raise TypeError(f"{op}: dtype ({dtype}) must be float16, bfloat16 or float32")
-    return elem
-
-
-def _tensor(op: str, name: str, t: Any, device: torch.device) -> torch.Tensor:
-    _is_tensor(op, name, t)
-    if t.device != device:
-        raise ValueError(f"{op}: {name} is on {t.device}, the input on {device}")
-    if not t.is_contiguous():
-        raise ValueError(f"{op}: {name} must be contiguous")
-    return t
-
-
 def _rows(op: str, name: str, t: Any, x: torch.Tensor, numel: int) -> torch.Tensor:
     _tensor(op, name, t, x.device)
     if t.dtype != x.dtype:
@@ -200,14 +159,14 @@ def _check_fusion(
     :func:`_fused_call`."""
     workspace_ptrs, world_size, rank, token_num, hidden_dim = where
     elem = _ELEM[x.dtype]
-    check_group_shape(op, _CALL_NAMES, world_size, rank, token_num, hidden_dim, 0, _int)
+    check_group_shape(op, _CALL_NAMES, world_size, rank, token_num, hidden_dim, 0)
     if hidden_dim * elem % 16:
         raise ValueError(
             f"{op}: hidden_dim ({hidden_dim}) must be a multiple of {16 // elem} for {x.dtype}"
         )
-    if hidden_dim * elem > _MAX_ROW_BYTES:
+    if hidden_dim * elem > MAX_ROW_BYTES:
         raise ValueError(
-            f"{op}: hidden_dim ({hidden_dim}) must be <= {_MAX_ROW_BYTES // elem} for {x.dtype}"
+            f"{op}: hidden_dim ({hidden_dim}) must be <= {MAX_ROW_BYTES // elem} for {x.dtype}"
         )
     numel = token_num * hidden_dim
     if x.numel() != numel:

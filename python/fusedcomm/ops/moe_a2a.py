@@ -22,6 +22,12 @@ Expert ids outside ``[0, num_experts)`` are never followed: the pair is dropped 
 (:func:`moe_a2a_dropped_expert_ids`; ``check_expert_ids=True`` raises after the call).
 Every call is CUDA-graph capturable (no host synchronisation, no host-read counters) unless
 ``check_expert_ids`` is set.
+
+torch.compile does not trace these functions: while it traces, each one calls itself through
+``torch.compiler.disable``, so the compiled region is split around the call, which runs
+eagerly between two graphs. Under ``torch.compile(fullgraph=True)`` that split is an error.
+(The dispatch returns views of the workspace and every call reads and updates the round's host
+state, which the registered-op path of the fusion families does not model.)
 """
 
 from __future__ import annotations
@@ -63,7 +69,7 @@ from ._moe_a2a_state import (
     _Workspace,
 )
 from ._moe_a2a_state import moe_a2a_initialize as moe_a2a_initialize
-from ._register import register_op, tracing
+from ._register import tracing
 
 __all__ = [
     "MoeA2ACheckError",
@@ -152,43 +158,6 @@ def _check_alignment(op: str, st: _Workspace, max_tokens: int, payloads) -> None
             f"payloads (they end at byte {end}); runtime_max_tokens_per_rank ({max_tokens}) is "
             "too large for the payload sizes the workspace was sized for"
         )
-
-
-def _dispatch_impl(
-    token_selected_experts: torch.Tensor,
-    input_payloads: list[torch.Tensor],
-    workspace: torch.Tensor,
-    ep_rank: int,
-    num_experts: int,
-    runtime_max_tokens_per_rank: int,
-    enable_pdl: bool,
-) -> None:
-    st = _state("moe_a2a_dispatch", workspace, ep_rank)
-    flat = []
-    for p in input_payloads:
-        nbytes = math.prod(p.shape[1:]) * p.element_size()
-        stride = p.stride(0) * p.element_size() if p.size(0) > 1 else nbytes
-        flat += [p.data_ptr(), stride, nbytes]
-    _module().moe_a2a_dispatch_launch(
-        token_selected_experts,
-        st.record,
-        st.dropped.data_ptr(),
-        num_experts,
-        runtime_max_tokens_per_rank,
-        flat,
-        0,
-        0,
-        enable_pdl,
-    )
-
-
-_dispatch_op = register_op(
-    "moe_a2a_dispatch(Tensor token_selected_experts, Tensor[] input_payloads, "
-    "Tensor(a!) workspace, int ep_rank, int num_experts, int runtime_max_tokens_per_rank, "
-    "bool enable_pdl) -> ()",
-    _dispatch_impl,
-    lambda *args: None,
-)
 
 
 def moe_a2a_dispatch(
@@ -401,39 +370,6 @@ def moe_a2a_dropped_expert_ids(workspace: torch.Tensor, ep_rank: int) -> int:
 
 
 # --- combine ------------------------------------------------------------------------------------
-
-
-def _combine_impl(
-    payload: torch.Tensor,
-    workspace: torch.Tensor,
-    out: torch.Tensor,
-    ep_rank: int,
-    top_k: int,
-    runtime_max_tokens_per_rank: int,
-    combine_payload_offset: int,
-    payload_in_workspace: bool,
-    enable_pdl: bool,
-) -> None:
-    st = _state("moe_a2a_combine", workspace, ep_rank)
-    _module().moe_a2a_combine_launch(
-        out,
-        st.record,
-        0 if payload_in_workspace else payload.data_ptr(),
-        top_k,
-        runtime_max_tokens_per_rank,
-        combine_payload_offset,
-        0,
-        enable_pdl,
-    )
-
-
-_combine_op = register_op(
-    "moe_a2a_combine(Tensor payload, Tensor(a!) workspace, Tensor(b!) out, int ep_rank, "
-    "int top_k, int runtime_max_tokens_per_rank, int combine_payload_offset, "
-    "bool payload_in_workspace, bool enable_pdl) -> ()",
-    _combine_impl,
-    lambda *args: None,
-)
 
 
 def moe_a2a_combine(
@@ -705,14 +641,6 @@ def _sanitize_impl(
     _module().moe_a2a_sanitize_launch(
         expert_ids, st.own_row + st.layout.recv_counters, invalid_expert_id, enable_pdl
     )
-
-
-_sanitize_op = register_op(
-    "moe_a2a_sanitize_expert_ids(Tensor(a!) expert_ids, Tensor workspace, int ep_rank, "
-    "int invalid_expert_id, bool enable_pdl) -> ()",
-    _sanitize_impl,
-    lambda *args: None,
-)
 
 
 def moe_a2a_sanitize_expert_ids(

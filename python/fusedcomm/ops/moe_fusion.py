@@ -17,11 +17,12 @@ from typing import Any
 
 import torch
 
+from .._checks import bool_arg, contiguous_on, int_arg, real_arg, tensor_arg
 from ..enums import MAX_COMM_SIZE, AllReduceFusionPattern, QuantizationSFLayout, pattern_name
 from ..reference.quant import scale_factor_buffer_size
 from ..runtime.fusion_workspace import check_group_shape
 from . import _fusion_launch
-from . import allreduce_fusion as _af  # the family's argument checks, shared
+from ._fusion_launch import MAX_ROW_BYTES
 from ._register import register_op, tracing
 
 __all__ = [
@@ -91,11 +92,11 @@ def _fp32(value: float) -> float:
 
 
 def _scalar(op: str, name: str, value: Any, default: float) -> float:
-    return _fp32(default if value is None else _af._real(op, name, value))
+    return _fp32(default if value is None else real_arg(op, name, value))
 
 
 def _activation(op: str, name: str, t: Any, dtype: torch.dtype | None = None) -> torch.dtype:
-    _af._is_tensor(op, name, t)
+    tensor_arg(op, name, t)
     if t.dtype not in _ACTIVATIONS:
         raise TypeError(f"{op}: {name}.dtype ({t.dtype}) must be float16 or bfloat16")
     if dtype is not None and t.dtype != dtype:
@@ -119,7 +120,7 @@ def _operand(op: str, name: str, t: Any, device, dtype, shape: tuple, packed=Tru
     """``t``: contiguous, on ``device``, of ``dtype``, ``prod(shape)`` elements (exactly
     ``shape`` when it has that many dimensions); ``packed``: read in 16-byte packs, so
     16-byte aligned."""
-    _af._tensor(op, name, t, device)
+    contiguous_on(op, name, t, device)
     if t.dtype != dtype:
         raise TypeError(f"{op}: {name}.dtype ({t.dtype}) must be {dtype}")
     numel = math.prod(shape)
@@ -134,17 +135,17 @@ def _operand(op: str, name: str, t: Any, device, dtype, shape: tuple, packed=Tru
 def _where(op: str, dtype, device, workspace_ptrs, world_size, rank, token_num, hidden_dim):
     """The group, the row shape and the pointer table of one call."""
     names = ("world_size", "world_rank", "token_num")
-    check_group_shape(op, names, world_size, rank, token_num, hidden_dim, 0, _af._int)
+    check_group_shape(op, names, world_size, rank, token_num, hidden_dim, 0)
     elem = dtype.itemsize
     if hidden_dim * elem % 16:
         raise ValueError(
             f"{op}: hidden_dim ({hidden_dim}) must be a multiple of {16 // elem} for {dtype}"
         )
-    if hidden_dim * elem > _af._MAX_ROW_BYTES:
+    if hidden_dim * elem > MAX_ROW_BYTES:
         raise ValueError(
-            f"{op}: hidden_dim ({hidden_dim}) must be <= {_af._MAX_ROW_BYTES // elem} for {dtype}"
+            f"{op}: hidden_dim ({hidden_dim}) must be <= {MAX_ROW_BYTES // elem} for {dtype}"
         )
-    ptrs = _af._tensor(op, "workspace_ptrs", workspace_ptrs, device)
+    ptrs = contiguous_on(op, "workspace_ptrs", workspace_ptrs, device)
     if ptrs.dtype != torch.int64 or ptrs.numel() != 3 * world_size + 1:
         raise ValueError(
             f"{op}: workspace_ptrs must be the int64 pointer table of "
@@ -186,7 +187,7 @@ def _outputs(op, device, dtype, n, d, rows, quant) -> tuple:
         return quant
     if d % 16:
         raise ValueError(f"{op}: NVFP4 (quant_out) needs hidden_dim ({d}) to be a multiple of 16")
-    _af._tensor(op, "quant_out", quant_out, device)
+    contiguous_on(op, "quant_out", quant_out, device)
     have = quant_out.numel() * quant_out.element_size()
     if have != n * d // 2:
         raise ValueError(
@@ -194,7 +195,7 @@ def _outputs(op, device, dtype, n, d, rows, quant) -> tuple:
         )
     if scale_out is None:
         raise ValueError(f"{op}: NVFP4 (quant_out) needs scale_out")
-    _af._tensor(op, "scale_out", scale_out, device)
+    contiguous_on(op, "scale_out", scale_out, device)
     need = scale_factor_buffer_size(n, d // 16, layout)
     have = scale_out.numel() * scale_out.element_size()
     if have < need:
@@ -234,7 +235,7 @@ def _head(op: str, pattern: int, where: tuple, dtype, pdl, norm: tuple, rows, qu
     quant = _outputs(op, device, dtype, n, d, rows, quant)
     norm_out, residual_out, *allreduce_out = (t for _, t in rows)
     return (
-        (pattern, workspace_ptrs, world_size, rank, n, d, _af._flag(op, "launch_with_pdl", pdl))
+        (pattern, workspace_ptrs, world_size, rank, n, d, bool_arg(op, "launch_with_pdl", pdl))
         + (residual_in, rms_gamma, norm_out, _scalar(op, eps_name, rms_eps, 0.0))
         + (_scalar(op, "weight_bias", weight_bias, 0.0), residual_out, *(allreduce_out or [None]))
         + quant
@@ -250,7 +251,7 @@ def _reduction_call(op: str, where: tuple, norm: tuple, moe: tuple, outputs: tup
     rows = tuple(zip(("norm_out", "residual_out", "moe_allreduce_out"), outputs))
     head = _head(op, _REDUCTION, where, dtype, pdl, norm, rows, quant)
     num_experts, scale_input, experts, token_input = moe
-    e = _af._int(op, "moe_reduction_device_num_experts", num_experts, 1)
+    e = int_arg(op, "moe_reduction_device_num_experts", num_experts, 1)
     device = norm[0].device
     _operand(op, "moe_reduction_active_experts_token_input", experts, device, dtype, (e, n, d))
     _operand(op, "moe_reduction_scale_input", scale_input, device, torch.float32, (e, n), False)
@@ -276,7 +277,7 @@ def _finalize_call(op, where, allreduce_in, norm, moe, outputs, quant, pdl, chec
     permuted_rows = allreduce_in.numel() // d
     _operand(op, "allreduce_in", allreduce_in, device, dtype, (permuted_rows, d))
     idx, expert_scale, shared, routed_scaling = moe
-    _af._is_tensor(op, "expanded_idx_to_permuted_idx", idx)
+    tensor_arg(op, "expanded_idx_to_permuted_idx", idx)
     if idx.dim() != 2 or idx.shape[0] != n or idx.shape[1] < 1:
         raise ValueError(
             f"{op}: expanded_idx_to_permuted_idx must be [token_num, top_k] = [{n}, top_k >= 1],"
@@ -289,7 +290,7 @@ def _finalize_call(op, where, allreduce_in, norm, moe, outputs, quant, pdl, chec
     if shared is not None:
         _operand(op, "shared_expert_output", shared, device, dtype, (n, d))
     rsf = _scalar(op, "routed_scaling_factor", routed_scaling, 1.0)
-    if _af._flag(op, "check_indices", check_indices):
+    if bool_arg(op, "check_indices", check_indices):
         _check_indices(op, idx, permuted_rows)
     tail = (allreduce_in, idx, expert_scale, shared, rsf, top_k)
     return MoeFusionCall(*head, 0, None, None, None, *tail)
@@ -301,10 +302,7 @@ def _finalize_call(op, where, allreduce_in, norm, moe, outputs, quant, pdl, chec
 
 def _launch_moe(call: MoeFusionCall) -> None:
     """Run one MoE fusion on the current stream (the kernel side's ``launch_moe``)."""
-    launch = getattr(_fusion_launch, "launch_moe", None)
-    if launch is None:
-        raise NotImplementedError(f"{pattern_name(call.pattern)}: MoE kernels are not built yet")
-    launch(call)
+    _fusion_launch.launch_moe(call)
 
 
 def _moe_impl(*args) -> None:
@@ -475,10 +473,10 @@ def moe_unified_call(
     for name in _UNIFIED_NEEDS[pattern]:
         if given[name] is None:
             raise ValueError(f"{op}: {pattern_name(pattern)} needs {name}")
-    _af._flag(op, "trigger_completion_at_end", trigger_completion_at_end)
-    _af._flag(op, "fp32_acc", fp32_acc)
+    bool_arg(op, "trigger_completion_at_end", trigger_completion_at_end)
+    bool_arg(op, "fp32_acc", fp32_acc)
     if use_oneshot is not None:
-        _af._flag(op, "use_oneshot", use_oneshot)
+        bool_arg(op, "use_oneshot", use_oneshot)
     if isinstance(scale_factor, bool) or not isinstance(scale_factor, numbers.Real):
         scale_factor = 1.0
     dtype, n, d = _token_rows(op, residual_in)
@@ -486,7 +484,7 @@ def moe_unified_call(
     norm = (residual_in, rms_gamma, "rms_gamma", rms_eps, "rms_eps", weight_bias)
     quant = (quant_out, scale_out, scale_factor, layout_code)
     if pattern == _REDUCTION:
-        _af._is_tensor(op, "input", input)  # not read: the MoE inputs are the all-reduced data
+        tensor_arg(op, "input", input)  # not read: the MoE inputs are the all-reduced data
         moe = tuple(given[name] for name in _MOE_INPUTS)
         outputs = (norm_out, residual_out, output)
         call = _reduction_call(op, where + (n, d), norm, moe, outputs, quant, launch_with_pdl)

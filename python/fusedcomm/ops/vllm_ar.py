@@ -119,6 +119,7 @@ def _init_impl(
 ) -> int:
     device = rank_data.device.index
     d = _describe()
+    _algorithm_code("auto")  # fills the algorithm table: a traced call never loads a module
     failure = FailureState(device, FamilyNames(str(d["op"]), tuple(str(p) for p in d["phases"])))
     try:
         fa = int(

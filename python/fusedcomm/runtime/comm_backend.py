@@ -22,6 +22,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch.distributed as dist
 
+from .._checks import int_arg
+
 __all__ = [
     "CommBackend",
     "TorchDistBackend",
@@ -75,12 +77,6 @@ def _check_root(op: str, root: int, size: int) -> int:
     if not 0 <= root < size:
         raise ValueError(f"{op}: root ({root}) must be in [0, {size})")
     return root
-
-
-def _check_int(op: str, name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
-    return value
 
 
 class TorchDistBackend:
@@ -173,8 +169,8 @@ class TorchDistBackend:
         sequence of process groups before, which holds when groups are built
         symmetrically.
         """
-        color = _check_int("TorchDistBackend.Split", "color", color)
-        key = _check_int("TorchDistBackend.Split", "key", key)
+        color = int_arg("TorchDistBackend.Split", "color", color)
+        key = int_arg("TorchDistBackend.Split", "key", key)
         entries = self.allgather((color, key, dist.get_rank()))
         by_color: dict[int, list[tuple[int, int, int]]] = {}
         for rank, (c, k, global_rank) in enumerate(entries):
@@ -247,8 +243,8 @@ class MPIBackend:
         self._comm.Barrier()
 
     def Split(self, color: int, key: int = 0) -> MPIBackend:
-        color = _check_int("MPIBackend.Split", "color", color)
-        key = _check_int("MPIBackend.Split", "key", key)
+        color = int_arg("MPIBackend.Split", "color", color)
+        key = int_arg("MPIBackend.Split", "key", key)
         return MPIBackend(self._comm.Split(color, key))
 
     def __repr__(self) -> str:
@@ -271,6 +267,28 @@ def allgather_bytes(backend: CommBackend, data: bytes) -> list[bytes]:
             f"allgather_bytes: backend returned {len(gathered)} items for {size} ranks"
         )
     return [bytes(item) for item in gathered]
+
+
+def _agree(backend, op: str, what: str, error: BaseException | None) -> None:
+    """Every rank learns whether ``what`` failed on any rank; all raise together if so."""
+    note = None if error is None else f"{type(error).__name__}: {error}"
+    notes = backend.allgather(note)
+    failed = [(r, n) for r, n in enumerate(notes) if n is not None]
+    if failed:
+        detail = "; ".join(f"rank {r}: {n}" for r, n in failed)
+        raise RuntimeError(f"{op}: {what} failed ({detail})") from error
+
+
+def local_step(backend, op: str, what: str, fn):
+    """Run a rank-local step, then agree on its outcome (so no rank waits for a failed peer)."""
+    error = None
+    result = None
+    try:
+        result = fn()
+    except Exception as exc:  # noqa: BLE001 - shared with the peers, then re-raised
+        error = exc
+    _agree(backend, op, what, error)
+    return result
 
 
 def _check_backend(op: str, backend: Any) -> None:
@@ -333,9 +351,9 @@ class MnnvlConfig:
     def __post_init__(self) -> None:
         if self.comm_backend is not None:
             _check_backend("MnnvlConfig", self.comm_backend)
-        gran = _check_int("MnnvlConfig", "allocation_granularity", self.allocation_granularity)
+        gran = int_arg("MnnvlConfig", "allocation_granularity", self.allocation_granularity)
         if gran < 0:
             raise ValueError(f"MnnvlConfig: allocation_granularity ({gran}) must be >= 0")
-        page = _check_int("MnnvlConfig", "fabric_page_size", self.fabric_page_size)
+        page = int_arg("MnnvlConfig", "fabric_page_size", self.fabric_page_size)
         if page <= 0:
             raise ValueError(f"MnnvlConfig: fabric_page_size ({page}) must be > 0")

@@ -21,6 +21,8 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+from .._checks import CudaUnavailableError, require_cuda
+
 __all__ = [
     "CudaRTLibrary",
     "CudaUnavailableError",
@@ -69,28 +71,6 @@ _FUNCTIONS: dict[str, tuple[Any, list[Any]]] = {
     ),
     "cudaIpcCloseMemHandle": (cudaError_t, [ctypes.c_void_p]),
 }
-
-
-class CudaUnavailableError(RuntimeError):
-    """An operation needs a CUDA device, and this torch cannot give it one."""
-
-
-def require_cuda(op: str) -> None:
-    """Raise CudaUnavailableError, naming ``op``, unless torch can use a CUDA device."""
-    import torch
-
-    if torch.cuda.is_available():
-        return
-    if torch.version.cuda is None:
-        reason = (
-            f"torch {torch.__version__} is a CPU-only build; install a CUDA build of "
-            "torch (see https://pytorch.org/get-started/locally/)"
-        )
-    else:
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        where = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
-        reason = f"torch {torch.__version__} sees no CUDA device{where}"
-    raise CudaUnavailableError(f"{op}: needs a CUDA GPU, but {reason}")
 
 
 def _loaded_libraries(name_part: str, maps_text: str | None = None) -> list[str]:

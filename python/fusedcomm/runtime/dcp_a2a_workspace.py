@@ -20,11 +20,12 @@ compiles that header and compares.
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from .._checks import int_arg
 
 __all__ = [
     "DCP_A2A_CHANNELS",
@@ -63,18 +64,8 @@ def _align(n: int) -> int:
 
 
 def _int(op: str, name: str, value: Any, minimum: int, maximum: int | None = None) -> int:
-    if isinstance(value, bool):
-        raise DcpA2ATypeError(f"{op}: {name} must be an int, got bool ({value!r})")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise DcpA2ATypeError(
-            f"{op}: {name} must be an int, got {type(value).__name__} ({value!r})"
-        ) from None
-    if value < minimum or (maximum is not None and value > maximum):
-        bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-        raise DcpA2AValueError(f"{op}: {name} ({value}) must be {bound}")
-    return value
+    errors = (DcpA2ATypeError, DcpA2AValueError)
+    return int_arg(op, name, value, minimum, maximum, index=True, errors=errors)
 
 
 def _cp_size(op: str, cp_size: Any) -> int:

@@ -7,9 +7,12 @@ through the pointer table ``workspace_tensor``, an int64 CUDA tensor of ``3 * W 
 
     [comm_0 .. comm_{W-1}, flags_0 .. flags_{W-1}, lamport_0 .. lamport_{W-1}, control]
 
-Sizes come from the kernels' own layout (``_fusion_launch.workspace_bytes``), never from
-arithmetic here. Creation and destruction are collective over the group; creation ends with
-a barrier, and a failed creation frees what it allocated before raising.
+The three buffer sizes come from the kernels' own layout (``fusion_control.workspace_bytes``);
+the arithmetic here only rounds them up to 16 bytes and estimates what one call or one full
+segment would need (to warn, and to answer ``is_buffer_size_sufficient``). The one exception is
+the deprecated ``trtllm_create_ipc_workspace_for_all_reduce``, whose seven buffers keep the
+sizes that API has always given them. Creation and destruction are collective over the group;
+creation ends with a barrier, and a failed creation frees what it allocated before raising.
 
 Typical use (every rank of a tensor-parallel group)::
 
@@ -32,13 +35,12 @@ from typing import Any
 
 import torch
 
-from ..ops import _fusion_launch
-from ..ops.lamport import (  # the legacy workspace fills through this module's names
-    trtllm_lamport_initialize,
-    trtllm_lamport_initialize_all,  # noqa: F401
-)
-from .comm_backend import resolve_backend
+from .._checks import ELEMENT_SIZE, element_size, int_arg
+from ..enums import MAX_ALL_REDUCE_BLOCKS, LamportTokenNumThreshold
+from . import fusion_control
+from .comm_backend import local_step, resolve_backend
 from .cuda_ipc import CudaRTLibrary, create_shared_buffer, free_shared_buffer
+from .lamport import trtllm_lamport_initialize, trtllm_lamport_initialize_all
 
 __all__ = [
     "AllReduceFusionWorkspace",
@@ -52,7 +54,6 @@ __all__ = [
 ]
 
 _log = logging.getLogger("fusedcomm")
-_ELEM_BYTES = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4}
 _PLAN_KEYS = ("comm", "flags", "lamport", "segment")
 
 
@@ -60,21 +61,12 @@ _PLAN_KEYS = ("comm", "flags", "lamport", "segment")
 # Argument checks (all run before anything is allocated)
 
 
-def _int_arg(op: str, name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < minimum:
-        raise ValueError(f"{op}: {name} ({value}) must be >= {minimum}")
-    return value
-
-
 def check_group_shape(
-    op: str, names: tuple[str, str, str], size, rank, rows, hidden_dim, min_rows=1, int_arg=None
+    op: str, names: tuple[str, str, str], size, rank, rows, hidden_dim, min_rows=1
 ) -> None:
     """The group (``size`` >= 1, 0 <= ``rank`` < ``size``) and the shape (``rows`` >=
     ``min_rows``, ``hidden_dim`` >= 1) of a call or a workspace. ``names``: how the caller
-    spells size, rank and rows; ``int_arg``: the int check to use (default ``_int_arg``)."""
-    int_arg = int_arg or _int_arg
+    spells size, rank and rows."""
     size_name, rank_name, rows_name = names
     int_arg(op, size_name, size, 1)
     int_arg(op, rank_name, rank, 0)
@@ -85,12 +77,7 @@ def check_group_shape(
 
 
 def _dtype_arg(op: str, dtype: Any) -> torch.dtype:
-    if not isinstance(dtype, torch.dtype):
-        raise TypeError(
-            f"{op}: dtype must be a torch.dtype, got {type(dtype).__name__} ({dtype!r})"
-        )
-    if dtype not in _ELEM_BYTES:
-        raise TypeError(f"{op}: dtype ({dtype}) must be float16, bfloat16 or float32")
+    element_size(op, dtype)
     return dtype
 
 
@@ -121,7 +108,7 @@ def _group_backend(op: str, comm_backend: Any, group: Any, rank: int, size: int)
 def _plan(
     op: str, world_size: int, max_token_num: int, hidden_dim: int, dtype: torch.dtype
 ) -> dict[str, int]:
-    plan = _fusion_launch.workspace_bytes(world_size, max_token_num, hidden_dim, dtype)
+    plan = fusion_control.workspace_bytes(world_size, max_token_num, hidden_dim, dtype)
     missing = [k for k in _PLAN_KEYS if k not in plan]
     if missing:
         raise RuntimeError(f"{op}: the kernel layout gave no size for {missing} (got {plan})")
@@ -139,9 +126,9 @@ def fusion_workspace_bytes(
     the peers' buffers are only mapped, not allocated again. Pure: no device work.
     """
     op = "fusion_workspace_bytes"
-    _int_arg(op, "world_size", world_size, 1)
-    _int_arg(op, "max_token_num", max_token_num, 1)
-    _int_arg(op, "hidden_dim", hidden_dim, 1)
+    int_arg(op, "world_size", world_size, 1)
+    int_arg(op, "max_token_num", max_token_num, 1)
+    int_arg(op, "hidden_dim", hidden_dim, 1)
     _dtype_arg(op, dtype)
     plan = _plan(op, world_size, max_token_num, hidden_dim, dtype)
     return plan["comm"] + plan["flags"] + plan["lamport"]
@@ -194,28 +181,6 @@ class _Resources:
         return problems
 
 
-def _agree(backend, op: str, what: str, error: BaseException | None) -> None:
-    """Every rank learns whether ``what`` failed on any rank; all raise together if so."""
-    note = None if error is None else f"{type(error).__name__}: {error}"
-    notes = backend.allgather(note)
-    failed = [(r, n) for r, n in enumerate(notes) if n is not None]
-    if failed:
-        detail = "; ".join(f"rank {r}: {n}" for r, n in failed)
-        raise RuntimeError(f"{op}: {what} failed ({detail})") from error
-
-
-def _local_step(backend, op: str, what: str, fn):
-    """Run a rank-local step, then agree on its outcome (so no rank waits for a failed peer)."""
-    error = None
-    result = None
-    try:
-        result = fn()
-    except Exception as exc:  # noqa: BLE001 - shared with the peers, then re-raised
-        error = exc
-    _agree(backend, op, what, error)
-    return result
-
-
 def _create(op: str, backend, sizes: list[int], fill, finish):
     """Allocate ``sizes`` as shared buffers, run ``fill(res)`` and ``finish(res)`` locally
     with agreement, end with a barrier; on any failure release everything and raise."""
@@ -230,7 +195,7 @@ def _create(op: str, backend, sizes: list[int], fill, finish):
                         f"{sum(sizes)} bytes needed, {free} free on cuda:{_current_device()}"
                     )
 
-        _local_step(backend, op, "the device memory check", enough_memory)
+        local_step(backend, op, "the device memory check", enough_memory)
         for i, size in enumerate(sizes):
             try:
                 res.shared.append(create_shared_buffer(size, comm_backend=backend))
@@ -238,8 +203,8 @@ def _create(op: str, backend, sizes: list[int], fill, finish):
                 raise RuntimeError(
                     f"{op}: allocating shared buffer {i} ({size} bytes) failed: {exc}"
                 ) from exc
-        _local_step(backend, op, "initialising the buffers", lambda: fill(res))
-        result = _local_step(backend, op, "building the pointer table", lambda: finish(res))
+        local_step(backend, op, "initialising the buffers", lambda: fill(res))
+        result = local_step(backend, op, "building the pointer table", lambda: finish(res))
         backend.barrier()
         return res, result
     except BaseException as exc:
@@ -291,7 +256,7 @@ def _create_fusion(
     timeout = _timeout_arg(op, timeout_s)
     dtype = torch.float32 if use_fp32_lamport else torch.bfloat16
     plan = _plan(op, tp_size, max_token_num, hidden_dim, dtype)
-    full = tp_size * max_token_num * hidden_dim * _ELEM_BYTES[dtype]
+    full = tp_size * max_token_num * hidden_dim * ELEMENT_SIZE[dtype]
     if plan["segment"] < full:
         warnings.warn(
             f"{op}: one Lamport segment is capped at {plan['segment']} bytes "
@@ -308,7 +273,7 @@ def _create_fusion(
         # empty, so a call of another dtype can never mistake the fill for data
         trtllm_lamport_initialize(lamport, sizes[2] // 4, torch.float32)
         _synchronize()
-        res.control = _fusion_launch.new_control_block(
+        res.control = fusion_control.new_control_block(
             _current_device(), plan["segment"], sizes[0], timeout
         )
 
@@ -524,8 +489,9 @@ class TRTLLMAllReduceFusionWorkspace(AllReduceFusionWorkspace):
 
     Collective over ``comm_backend`` (or ``group``); ``tp_size``/``tp_rank`` are that
     group's size and this rank in it. Holds ``ipc_handles``, ``workspace_tensor`` (the
-    pointer table), ``mem_handles`` (empty), ``metadata`` (sizes and shape, §4.1 keys) and
-    ``workspace_bytes`` (device bytes this rank allocated for shared buffers).
+    pointer table), ``mem_handles`` (empty), ``metadata`` (sizes and shape, under the
+    reference API's keys) and ``workspace_bytes`` (device bytes this rank allocated for shared
+    buffers).
     """
 
     def __init__(
@@ -583,7 +549,7 @@ class TRTLLMAllReduceFusionWorkspace(AllReduceFusionWorkspace):
         m = self.metadata
         problems = metadata_problems(m, tp_size, num_tokens, hidden_dim, dtype)
         if use_oneshot and not problems:
-            need = tp_size * num_tokens * hidden_dim * _ELEM_BYTES[dtype]
+            need = tp_size * num_tokens * hidden_dim * ELEMENT_SIZE[dtype]
             if need > m["lamport_comm_size"]:
                 problems.append(
                     f"one-shot needs {need} bytes per Lamport segment, the "
@@ -689,13 +655,13 @@ def create_allreduce_fusion_workspace(
     ):
         if value is None:
             raise ValueError(f"{op}: {name} is required")
-    _int_arg(op, "world_size", world_size, 1)
-    _int_arg(op, "rank", rank, 0)
-    _int_arg(op, "max_token_num", max_token_num, 1)
-    _int_arg(op, "hidden_dim", hidden_dim, 1)
+    int_arg(op, "world_size", world_size, 1)
+    int_arg(op, "rank", rank, 0)
+    int_arg(op, "max_token_num", max_token_num, 1)
+    int_arg(op, "hidden_dim", hidden_dim, 1)
     _dtype_arg(op, dtype)
     if gpus_per_node is not None:
-        _int_arg(op, "gpus_per_node", gpus_per_node, 1)
+        int_arg(op, "gpus_per_node", gpus_per_node, 1)
     if not isinstance(force_oneshot_support, bool):
         raise TypeError(f"{op}: force_oneshot_support must be a bool")
     _timeout_arg(op, timeout_s)

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from ..enums import MAX_ALL_REDUCE_BLOCKS, MAX_COMM_SIZE, LamportTokenNumThreshold
-from ..ops import _fusion_launch
+from . import fusion_control as _fusion_launch
 from . import fusion_workspace as fw
 
 __all__ = ["LegacyWorkspace", "create_legacy_workspace", "find_legacy_workspace"]

@@ -32,8 +32,9 @@ from typing import Any
 import torch
 
 from ..enums import MAX_COMM_SIZE, MNNVL_ONE_SHOT_THRESHOLD
-from ..ops import _fusion_launch
-from .fusion_workspace import AllReduceFusionWorkspace, _local_step, _timeout_arg
+from . import fusion_control as _fusion_launch
+from .comm_backend import local_step as _local_step
+from .fusion_workspace import AllReduceFusionWorkspace, _timeout_arg
 
 __all__ = [
     "MNNVLAllReduceFusionWorkspace",
@@ -341,7 +342,7 @@ class MNNVLAllReduceFusionWorkspace(AllReduceFusionWorkspace):
     # -- creation and release ---------------------------------------------------------------
 
     def _create(self, op: str, backend, buffer: int, timeout: float | None) -> None:
-        from ..ops import lamport
+        from . import lamport
         from . import peer_memory
 
         flags = int(_fusion_launch.workspace_bytes(self.tp_size, 1, 8, torch.bfloat16)["flags"])

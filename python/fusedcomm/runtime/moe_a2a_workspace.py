@@ -31,12 +31,13 @@ and the views work on CPU tensors as well.
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from .._checks import int_arg
 
 __all__ = [
     "MOE_A2A_MAX_EP_SIZE",
@@ -73,18 +74,7 @@ def _align(n: int) -> int:
 
 
 def _int(op: str, name: str, value: Any, minimum: int, maximum: int | None = None) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{op}: {name} must be an int, got bool ({value!r})")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(
-            f"{op}: {name} must be an int, got {type(value).__name__} ({value!r})"
-        ) from None
-    if value < minimum or (maximum is not None and value > maximum):
-        bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-        raise ValueError(f"{op}: {name} ({value}) must be {bound}")
-    return value
+    return int_arg(op, name, value, minimum, maximum, index=True)
 
 
 @dataclass(frozen=True)

@@ -44,9 +44,10 @@ from typing import Any
 
 import torch
 
+from .._checks import int_arg
 from ..dlpack_utils import pack_strided_memory
+from .comm_backend import local_step
 from .cuda_ipc import require_cuda
-from .fusion_workspace import _int_arg, _local_step
 
 __all__ = ["EXCHANGE_TIMEOUT_S", "PeerMemory", "exchange_fds", "peer_memory_workspace"]
 
@@ -242,7 +243,7 @@ def exchange_fds(fd: int, comm_backend: Any, *, timeout_s: float = EXCHANGE_TIME
     fails, every rank raises ``RuntimeError`` and no received fd is left open.
     """
     op = "exchange_fds"
-    _int_arg(op, "fd", fd, 0)
+    int_arg(op, "fd", fd, 0)
     backend = _check_backend(op, comm_backend)
     timeout_s = _timeout_arg(op, timeout_s)
     rank, world = backend.Get_rank(), backend.Get_size()
@@ -268,12 +269,12 @@ def exchange_fds(fd: int, comm_backend: Any, *, timeout_s: float = EXCHANGE_TIME
 
     try:
         # The agreement after listening is the barrier: every socket exists before any connect.
-        listener = _local_step(backend, op, "listening for peers", listen)
+        listener = local_step(backend, op, "listening for peers", listen)
         server = _FdServer(listener, fd, rank, world, timeout_s)
         server.start()
-        _local_step(backend, op, "receiving the peers' fds", fetch_all)
+        local_step(backend, op, "receiving the peers' fds", fetch_all)
         # Every peer holds this rank's fd by now, so the server has finished or is about to.
-        _local_step(backend, op, "serving this rank's fd", lambda: server.result(timeout_s))
+        local_step(backend, op, "serving this rank's fd", lambda: server.result(timeout_s))
         return [received.get(q) for q in range(world)]
     except BaseException:
         _close_quietly(received.values())
@@ -336,7 +337,7 @@ def _map_rows(op: str, backend, rank: int, world: int, device: int, size: int, t
     def granularity() -> int:
         return int(_runtime().peer_memory_granularity(device))
 
-    gran = _local_step(backend, op, "querying the allocation granularity", granularity)
+    gran = local_step(backend, op, "querying the allocation granularity", granularity)
     asked = backend.allgather((size, gran))
     if any(s != size for s, _ in asked):
         raise ValueError(
@@ -354,7 +355,7 @@ def _map_rows(op: str, backend, rank: int, world: int, device: int, size: int, t
             pieces.handles[rank] = handle
             pieces.fds.append(fd)
 
-        _local_step(backend, op, "creating this rank's allocation", create)
+        local_step(backend, op, "creating this rank's allocation", create)
         own_fd = pieces.fds[0]
         peer_fds = exchange_fds(own_fd, backend, timeout_s=timeout_s)
         pieces.fds.extend(fd for fd in peer_fds if fd is not None)
@@ -366,19 +367,19 @@ def _map_rows(op: str, backend, rank: int, world: int, device: int, size: int, t
                     pieces.handles[q] = int(_runtime().peer_memory_import(fd))
                     pieces.close_fd(fd)
 
-        _local_step(backend, op, "importing the peers' allocations", import_all)
+        local_step(backend, op, "importing the peers' allocations", import_all)
 
         def map_rows() -> None:
             handles = [pieces.handles[q] for q in range(world)]
             pieces.base = int(_runtime().peer_memory_map(device, handles, stride))
             pieces.handles.clear()  # consumed by the mapping
 
-        _local_step(backend, op, "mapping the rows", map_rows)
+        local_step(backend, op, "mapping the rows", map_rows)
 
         def zero_own_row() -> None:
             _zero_row(pieces.base + rank * stride, stride, device)
 
-        _local_step(backend, op, "zeroing this rank's row", zero_own_row)
+        local_step(backend, op, "zeroing this rank's row", zero_own_row)
         backend.barrier()  # no rank reads a peer's row before that peer has zeroed it
         return pieces.base, stride
     except BaseException as exc:
@@ -418,12 +419,12 @@ class PeerMemory:
     ):
         op = "PeerMemory"
         self._base: int | None = None  # set last, so close() and __del__ work whatever fails
-        self.size_per_rank = _int_arg(op, "size_per_rank", size_per_rank, 1)
+        self.size_per_rank = int_arg(op, "size_per_rank", size_per_rank, 1)
         backend = _check_backend(op, comm_backend)
         if device is None:
             require_cuda(op)
             device = torch.cuda.current_device()
-        self.device = _int_arg(op, "device", device, 0)
+        self.device = int_arg(op, "device", device, 0)
         timeout_s = _timeout_arg(op, timeout_s)
         self.rank, self.world = backend.Get_rank(), backend.Get_size()
         self._base, self.row_stride = _map_rows(
@@ -442,7 +443,7 @@ class PeerMemory:
     def row_ptr(self, q: int) -> int:
         """The device address, on this rank, of rank ``q``'s row."""
         base = self._live("row_ptr")
-        _int_arg("PeerMemory.row_ptr", "q", q, 0)
+        int_arg("PeerMemory.row_ptr", "q", q, 0)
         if q >= self.world:
             raise ValueError(f"PeerMemory.row_ptr: q ({q}) must be < world ({self.world})")
         return base + q * self.row_stride

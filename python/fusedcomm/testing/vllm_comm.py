@@ -1,4 +1,4 @@
-"""Set up a vLLM-style all-reduce communicator inside one rank (tests and benchmarks).
+"""A vLLM-style all-reduce communicator for one rank of a test or benchmark.
 
 Each rank allocates two IPC-shared buffers, a meta buffer (signal header + scratch) and a staging
 buffer, zeroes its signal header, creates the handle and registers the staging buffer.
@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from ..dlpack_utils import pack_strided_memory
 from ..ops import vllm_ar
-from .cuda_ipc import create_shared_buffer, free_shared_buffer
+from ..runtime.cuda_ipc import create_shared_buffer, free_shared_buffer
 
 
 class VllmComm:
