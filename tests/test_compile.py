@@ -23,6 +23,7 @@ REGISTERED = {
     "allreduce_fusion",
     "moe_allreduce_fusion",
     "decode_cp_a2a_alltoall",
+    "trtllm_custom_all_reduce",
     "trtllm_lamport_initialize",
     "vllm_all_reduce",
     "vllm_dispose",

@@ -43,6 +43,8 @@ MODULES = {
     "trtllm_moe_alltoall": 4,
     "mnnvl": 4,
     "dcp_alltoall": 4,
+    "trtllm_mnnvl_ar": 4,
+    "mixed_comm": 4,
     "cli": 5,
     "__main__": 5,
 }

@@ -12,7 +12,7 @@ import fusedcomm as comm
 from fusedcomm import mnnvl
 from fusedcomm import trtllm_mnnvl_ar as ar
 from fusedcomm.enums import AllReduceFusionPattern as P
-from fusedcomm.ops import lamport
+from fusedcomm.runtime import lamport
 from fusedcomm.ops import mnnvl_allreduce as mnnvl_ops
 from fusedcomm.reference import compute_fp4_swizzled_layout_sf_size
 from fusedcomm.runtime import mnnvl_workspace as mw

@@ -81,11 +81,11 @@ from .runtime.fusion_workspace import (
     TRTLLMAllReduceFusionWorkspace,
     create_allreduce_fusion_workspace,
     fusion_workspace_bytes,
-    trtllm_create_ipc_workspace_for_all_reduce,
     trtllm_create_ipc_workspace_for_all_reduce_fusion,
     trtllm_destroy_ipc_workspace_for_all_reduce,
     trtllm_destroy_ipc_workspace_for_all_reduce_fusion,
 )
+from .runtime.legacy_workspace import trtllm_create_ipc_workspace_for_all_reduce
 from .runtime.mnnvl_workspace import (
     MNNVLAllreduceFusionStrategy,
     MNNVLAllReduceFusionWorkspace,

@@ -459,6 +459,17 @@ def trtllm_allreduce_fusion(
     _fused_call(op, pattern, allreduce_in, where, flags, tensors, scalars)
 
 
+# allreduce_fusion on other backends' workspaces, by ``workspace.backend``; each backend's
+# frontend registers its call (ops/mnnvl_allreduce.py registers "mnnvl"), so this module
+# imports none of them.
+_BACKEND_CALLS: dict[str, Any] = {}
+
+
+def register_backend_call(name: str, call: Any) -> None:
+    """Make ``allreduce_fusion`` on a workspace whose ``backend`` is ``name`` call ``call``."""
+    _BACKEND_CALLS[name] = call
+
+
 def allreduce_fusion(
     input: torch.Tensor,
     workspace: AllReduceFusionWorkspace,
@@ -517,10 +528,8 @@ def allreduce_fusion(
     outputs allocated where missing, fp32 sums; quantising patterns return ``quant_out``).
     """
     op = "allreduce_fusion"
-    if getattr(workspace, "backend", None) == "mnnvl":
-        from .mnnvl_allreduce import mnnvl_unified_call  # patterns 0-5, 10, 11
-
-        return mnnvl_unified_call(
+    if getattr(workspace, "backend", None) in _BACKEND_CALLS:  # "mnnvl": patterns 0-5, 10, 11
+        return _BACKEND_CALLS[workspace.backend](
             op, input, workspace, pattern, launch_with_pdl=launch_with_pdl, output=output,
             residual_out=residual_out, norm_out=norm_out, quant_out=quant_out,
             scale_out=scale_out, residual_in=residual_in, rms_gamma=rms_gamma, rms_eps=rms_eps,

@@ -28,7 +28,7 @@ from ..runtime.mnnvl_workspace import (
     live_workspace,
     strategy_of,
 )
-from .allreduce_fusion import _fused_call
+from .allreduce_fusion import _fused_call, register_backend_call
 
 __all__ = [
     "get_allreduce_mnnvl_workspace",
@@ -591,3 +591,6 @@ def trtllm_mnnvl_fused_allreduce_rmsnorm(
         launch_with_pdl,
         _S.TWOSHOT,
     )
+
+
+register_backend_call("mnnvl", mnnvl_unified_call)

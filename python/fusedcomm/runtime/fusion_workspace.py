@@ -36,18 +36,19 @@ from typing import Any
 import torch
 
 from .._checks import ELEMENT_SIZE, element_size, int_arg
-from ..enums import MAX_ALL_REDUCE_BLOCKS, LamportTokenNumThreshold
 from . import fusion_control
 from .comm_backend import local_step, resolve_backend
 from .cuda_ipc import CudaRTLibrary, create_shared_buffer, free_shared_buffer
-from .lamport import trtllm_lamport_initialize, trtllm_lamport_initialize_all
+from .lamport import (  # the legacy workspace fills through this module's names
+    trtllm_lamport_initialize,
+    trtllm_lamport_initialize_all,  # noqa: F401
+)
 
 __all__ = [
     "AllReduceFusionWorkspace",
     "TRTLLMAllReduceFusionWorkspace",
     "create_allreduce_fusion_workspace",
     "fusion_workspace_bytes",
-    "trtllm_create_ipc_workspace_for_all_reduce",
     "trtllm_create_ipc_workspace_for_all_reduce_fusion",
     "trtllm_destroy_ipc_workspace_for_all_reduce",
     "trtllm_destroy_ipc_workspace_for_all_reduce_fusion",
@@ -355,36 +356,14 @@ def trtllm_create_ipc_workspace_for_all_reduce_fusion(
     )
 
 
-def trtllm_create_ipc_workspace_for_all_reduce(
-    rank: int,
-    tp_size: int,
-    max_token_num: int,
-    hidden_dim: int,
-    group: Any = None,
-    *,
-    comm_backend: Any = None,
-    timeout_s: float | None = None,
-) -> list[list[int]]:
-    """Create the legacy workspace of trtllm_custom_all_reduce (deprecated).
+# Workspace factories of the other backends, by name; each backend's module registers its own
+# (runtime/mnnvl_workspace.py registers "mnnvl"), so this module imports none of them.
+_BACKENDS: dict[str, Any] = {}
 
-    Seven lists of ``tp_size`` pointers: two comm buffers of ``tp_size * max_token_num *
-    hidden_dim * 4`` bytes, two barrier-flag buffers (zeroed; barrier-in large enough for the
-    kernels' flags) and three Lamport buffers of ``tp_size * 16 * tp_size * hidden_dim * 2``
-    bytes filled with the sentinel (consecutive segments of one allocation). ``tp_size`` <= 8.
-    ``timeout_s`` bounds every wait for a peer (default FUSEDCOMM_TIMEOUT_S). Collective over
-    ``comm_backend`` (or ``group``); ends with a barrier. See runtime/legacy_workspace.py.
-    """
-    from .legacy_workspace import create_legacy_workspace
 
-    op = "trtllm_create_ipc_workspace_for_all_reduce"
-    warnings.warn(
-        f"{op} is deprecated; use create_allreduce_fusion_workspace",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    return create_legacy_workspace(
-        op, rank, tp_size, max_token_num, hidden_dim, group, comm_backend, timeout_s
-    )
+def register_backend(name: str, factory: Any) -> None:
+    """Make ``create_allreduce_fusion_workspace(backend=name)`` call ``factory``."""
+    _BACKENDS[name] = factory
 
 
 def _destroy(op: str, workspace: Any) -> None:
@@ -669,9 +648,7 @@ def create_allreduce_fusion_workspace(
     if backend == "mnnvl" or (
         backend == "auto" and not _single_node(comm, gpus_per_node, world_size)
     ):
-        from .mnnvl_workspace import create_mnnvl_workspace
-
-        return create_mnnvl_workspace(
+        return _BACKENDS["mnnvl"](
             comm, world_size, rank, max_token_num, hidden_dim, dtype, gpus_per_node,
             force_oneshot_support, timeout_s,
         )  # fmt: skip

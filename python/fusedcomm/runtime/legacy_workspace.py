@@ -32,6 +32,7 @@ the workspace and runs on one of two pre-built pointer tables (ping or pong).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any
 
 import torch
@@ -40,7 +41,12 @@ from ..enums import MAX_ALL_REDUCE_BLOCKS, MAX_COMM_SIZE, LamportTokenNumThresho
 from . import fusion_control as _fusion_launch
 from . import fusion_workspace as fw
 
-__all__ = ["LegacyWorkspace", "create_legacy_workspace", "find_legacy_workspace"]
+__all__ = [
+    "LegacyWorkspace",
+    "create_legacy_workspace",
+    "find_legacy_workspace",
+    "trtllm_create_ipc_workspace_for_all_reduce",
+]
 
 _MAX_WORLD = 8  # the fusion kernels' kMaxRanks
 _POINTER_LISTS = (
@@ -214,3 +220,33 @@ def find_legacy_workspace(op: str, tp_rank: int, lists: dict[str, torch.Tensor])
                 "passes (the seven lists must come from one workspace, in order)"
             )
     return ws, ws.tables[which]
+
+
+def trtllm_create_ipc_workspace_for_all_reduce(
+    rank: int,
+    tp_size: int,
+    max_token_num: int,
+    hidden_dim: int,
+    group: Any = None,
+    *,
+    comm_backend: Any = None,
+    timeout_s: float | None = None,
+) -> list[list[int]]:
+    """Create the legacy workspace of trtllm_custom_all_reduce (deprecated).
+
+    Seven lists of ``tp_size`` pointers: two comm buffers of ``tp_size * max_token_num *
+    hidden_dim * 4`` bytes, two barrier-flag buffers (zeroed; barrier-in large enough for the
+    kernels' flags) and three Lamport buffers of ``tp_size * 16 * tp_size * hidden_dim * 2``
+    bytes filled with the sentinel (consecutive segments of one allocation). ``tp_size`` <= 8.
+    ``timeout_s`` bounds every wait for a peer (default FUSEDCOMM_TIMEOUT_S). Collective over
+    ``comm_backend`` (or ``group``); ends with a barrier. Laid out as this module describes.
+    """
+    op = "trtllm_create_ipc_workspace_for_all_reduce"
+    warnings.warn(
+        f"{op} is deprecated; use create_allreduce_fusion_workspace",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return create_legacy_workspace(
+        op, rank, tp_size, max_token_num, hidden_dim, group, comm_backend, timeout_s
+    )

@@ -34,7 +34,7 @@ import torch
 from ..enums import MAX_COMM_SIZE, MNNVL_ONE_SHOT_THRESHOLD
 from . import fusion_control as _fusion_launch
 from .comm_backend import local_step as _local_step
-from .fusion_workspace import AllReduceFusionWorkspace, _timeout_arg
+from .fusion_workspace import AllReduceFusionWorkspace, _timeout_arg, register_backend
 
 __all__ = [
     "MNNVLAllReduceFusionWorkspace",
@@ -342,8 +342,7 @@ class MNNVLAllReduceFusionWorkspace(AllReduceFusionWorkspace):
     # -- creation and release ---------------------------------------------------------------
 
     def _create(self, op: str, backend, buffer: int, timeout: float | None) -> None:
-        from . import lamport
-        from . import peer_memory
+        from . import lamport, peer_memory
 
         flags = int(_fusion_launch.workspace_bytes(self.tp_size, 1, 8, torch.bfloat16)["flags"])
         row = 4 * buffer + flags
@@ -462,3 +461,6 @@ def create_mnnvl_workspace(
     return MNNVLAllReduceFusionWorkspace(
         mapping, max_token_num, hidden_dim, dtype, buffer, comm, timeout_s=timeout_s
     )
+
+
+register_backend("mnnvl", create_mnnvl_workspace)
