@@ -163,7 +163,7 @@ TESTED: dict[str, tuple[str, str]] = {
 
 # Names that exist but do not do their job yet (they check their arguments and raise): counted
 # as planned until they are real.
-STUBS: frozenset[str] = frozenset({"trtllm_custom_all_reduce"})
+STUBS: frozenset[str] = frozenset()
 
 
 def _present(module: str, names: tuple[str, ...]) -> tuple[list[str], list[str]]:
