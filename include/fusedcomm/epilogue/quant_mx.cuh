@@ -45,17 +45,7 @@ __device__ __forceinline__ void for_each_mx_block(const Row<T, kPacks>& row, int
   for (int j = 0; j < kPacks; ++j) {
     const bool in = Row<T, kPacks>::has(j, packs);  // the same for the four threads of a block
     float y[kElems];
-    if (in) {
-      unpack_to(row.v[j], y);
-    } else {
-#pragma unroll
-      for (int e = 0; e < kElems; ++e) y[e] = 0.0f;
-    }
-    float m = 0.0f;
-#pragma unroll
-    for (int e = 0; e < kElems; ++e) m = fmaxf(m, fabsf(y[e]));
-    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));  // the whole warp takes part
-    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+    const float m = row.template load_block_max<4>(j, in, y);  // the whole warp takes part
     if (!in) continue;
     float k;
     const uint8_t sf = mx_scale(m, max_code, k);

@@ -33,16 +33,7 @@ struct QuantNvfp4 {
     for (int j = 0; j < kPacks; ++j) {
       const bool in = Row<T, kPacks>::has(j, packs);  // the same for both threads of a pair
       float y[kElems];
-      if (in) {
-        unpack_to(row.v[j], y);
-      } else {
-#pragma unroll
-        for (int e = 0; e < kElems; ++e) y[e] = 0.0f;
-      }
-      float m = 0.0f;
-#pragma unroll
-      for (int e = 0; e < kElems; ++e) m = fmaxf(m, fabsf(y[e]));
-      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));  // the whole warp takes part
+      const float m = row.template load_block_max<2>(j, in, y);  // the whole warp takes part
       if (!in) continue;
       const __nv_fp8_storage_t sf =
           __nv_cvt_float_to_fp8(global * (m * (1.0f / 6.0f)), __NV_SATFINITE, __NV_E4M3);

@@ -28,6 +28,27 @@ struct Row {
       f(j, y);
     }
   }
+
+  // Slot j as floats in y (zeros when it is outside the row) and the largest |y| over the
+  // kLanes neighbouring threads that share one scale block (kLanes a power of two <= 32).
+  // Every thread of the warp must call it, inside the row or not.
+  template <int kLanes>
+  __device__ __forceinline__ float load_block_max(int j, bool in,
+                                                  float (&y)[Pack<T>::kElems]) const {
+    if (in) {
+      unpack_to(v[j], y);
+    } else {
+#pragma unroll
+      for (int e = 0; e < Pack<T>::kElems; ++e) y[e] = 0.0f;
+    }
+    float m = 0.0f;
+#pragma unroll
+    for (int e = 0; e < Pack<T>::kElems; ++e) m = fmaxf(m, fabsf(y[e]));
+#pragma unroll
+    for (int lane = 1; lane < kLanes; lane <<= 1)
+      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, lane));
+    return m;
+  }
 };
 
 namespace detail {
