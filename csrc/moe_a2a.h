@@ -42,9 +42,9 @@ cudaError_t launch_moe_combine_wire(const MoeCombineArgs& a, int want, int sms, 
                                     cudaStream_t stream);
 
 // A launch with the family's block size and the PDL attribute.
-template <typename Args>
-cudaError_t launch_moe_kernel(void (*kernel)(Args), const Args& a, int blocks, bool pdl,
-                              cudaStream_t stream) {
+template <typename... Params, typename... Args>
+cudaError_t launch_moe_kernel(void (*kernel)(Params...), int blocks, bool pdl, cudaStream_t stream,
+                              const Args&... args) {
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = pdl ? 1 : 0;
@@ -54,7 +54,7 @@ cudaError_t launch_moe_kernel(void (*kernel)(Args), const Args& a, int blocks, b
   config.stream = stream;
   config.attrs = attr;
   config.numAttrs = 1;
-  return cudaLaunchKernelEx(&config, kernel, a);
+  return cudaLaunchKernelEx(&config, kernel, args...);
 }
 
 }  // namespace fusedcomm

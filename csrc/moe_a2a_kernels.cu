@@ -30,12 +30,12 @@ cudaError_t launch_moe_dispatch(const MoeDispatchArgs& a, int want, int sms, boo
   if (err != cudaSuccess) return err;
   const int64_t cap = int64_t{per_sm < 1 ? 1 : per_sm} * sms;
   const int blocks = static_cast<int>(want < cap ? want : cap);
-  return launch_moe_kernel(kernel, a, blocks < 1 ? 1 : blocks, pdl, stream);
+  return launch_moe_kernel(kernel, blocks < 1 ? 1 : blocks, pdl, stream, a);
 }
 
 cudaError_t launch_moe_sanitize(const MoeSanitizeArgs& a, int blocks, bool pdl,
                                 cudaStream_t stream) {
-  return launch_moe_kernel(moe_a2a_sanitize, a, blocks, pdl, stream);
+  return launch_moe_kernel(moe_a2a_sanitize, blocks, pdl, stream, a);
 }
 
 #elif FC_PART == 4
@@ -73,7 +73,7 @@ cudaError_t launch_moe_combine_wire(const MoeCombineArgs& a, int want, int sms, 
   auto stage = wire_kernel<P>(a.row_bytes / 16);
   const int64_t slots = int64_t{a.site.world} * a.max_tokens;
   const int stage_blocks = static_cast<int>(slots < int64_t{sms} * 4 ? slots : int64_t{sms} * 4);
-  cudaError_t err = launch_moe_kernel(stage, a, stage_blocks, pdl, stream);
+  cudaError_t err = launch_moe_kernel(stage, stage_blocks, pdl, stream, a);
   if (err != cudaSuccess) return err;
   MoeCombineArgs pull = a;
   pull.payload = nullptr;  // the wire rows are in the own region now: every rank pulls them
@@ -84,7 +84,7 @@ cudaError_t launch_moe_combine_wire(const MoeCombineArgs& a, int want, int sms, 
   if (per_sm < 1) return cudaErrorLaunchOutOfResources;
   const int64_t cap = int64_t{per_sm} * sms;
   const int blocks = static_cast<int>(want < cap ? want : cap);
-  return launch_moe_kernel(kernel, pull, blocks < 1 ? 1 : blocks, pdl, stream);
+  return launch_moe_kernel(kernel, blocks < 1 ? 1 : blocks, pdl, stream, pull);
 }
 
 template cudaError_t launch_moe_combine_wire<false>(const MoeCombineArgs&, int, int, bool,
@@ -135,7 +135,7 @@ cudaError_t launch_moe_combine<kD>(const MoeCombineArgs& a, int want, int sms, b
   if (per_sm < 1) return cudaErrorLaunchOutOfResources;
   const int64_t cap = int64_t{per_sm} * sms;
   const int blocks = static_cast<int>(want < cap ? want : cap);
-  return launch_moe_kernel(kernel, a, blocks < 1 ? 1 : blocks, pdl, stream);
+  return launch_moe_kernel(kernel, blocks < 1 ? 1 : blocks, pdl, stream, a);
 }
 
 #endif

@@ -37,16 +37,7 @@ cudaError_t launch_rows(const MoeQuantizeArgs& a, const Q& q, int blocks, bool p
   } else {
     kernel = moe_a2a_quantize<T, kMaxRowPacks, Q, kMoeA2AThreads>;
   }
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = pdl ? 1 : 0;
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(blocks);
-  config.blockDim = dim3(kMoeA2AThreads);
-  config.stream = stream;
-  config.attrs = attr;
-  config.numAttrs = 1;
-  return cudaLaunchKernelEx(&config, kernel, a, q);
+  return launch_moe_kernel(kernel, blocks, pdl, stream, a, q);
 }
 
 template <typename T>
