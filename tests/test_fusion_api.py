@@ -304,3 +304,15 @@ def test_oneshot_capacity_follows_the_lamport_segment(dev, monkeypatch):
     assert ws.is_buffer_size_sufficient(W, 256, 1, BF16, use_oneshot=True)
     assert ws.is_buffer_size_sufficient(W, M, D, BF16, use_oneshot=False)
     ws.destroy()
+
+
+@pytest.mark.parametrize(
+    "cls", [comm.TRTLLMAllReduceFusionWorkspace, comm.MNNVLAllReduceFusionWorkspace]
+)
+def test_fusion_workspaces_refuse_checkpointing_clearly(cls):
+    # Engines call these around a process suspend and skip on NotImplementedError only.
+    ws = object.__new__(cls)  # no group needed: the refusal comes before any state is read
+    with pytest.raises(NotImplementedError, match=f"{cls.__name__}.checkpoint_prepare"):
+        ws.checkpoint_prepare()
+    with pytest.raises(NotImplementedError, match=f"{cls.__name__}.checkpoint_restore"):
+        ws.checkpoint_restore(None)

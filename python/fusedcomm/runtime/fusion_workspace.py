@@ -434,6 +434,22 @@ class AllReduceFusionWorkspace(abc.ABC):
     def _release(self) -> None:
         """Free the backend's resources (collective)."""
 
+    def checkpoint_prepare(self) -> None:
+        """Engines call this before suspending the process; saving a fusion workspace is not
+        implemented (engines skip checkpointing on NotImplementedError)."""
+        raise NotImplementedError(
+            f"{type(self).__name__}.checkpoint_prepare: checkpointing an all-reduce fusion "
+            "workspace is not implemented"
+        )
+
+    def checkpoint_restore(self, comm_backend: Any) -> None:
+        """Engines call this after resuming the process; restoring a fusion workspace is not
+        implemented."""
+        raise NotImplementedError(
+            f"{type(self).__name__}.checkpoint_restore: checkpointing an all-reduce fusion "
+            "workspace is not implemented"
+        )
+
     @property
     def destroyed(self) -> bool:
         return self._destroyed
