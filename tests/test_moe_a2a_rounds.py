@@ -224,11 +224,12 @@ def _keyword_only(fn):
     ("fn", "positional", "keyword"),
     [
         (fusedcomm.moe_a2a_combine, COMBINE_FREE,
-         {"use_low_precision", "enable_pdl", "active_rank_mask"}),
+         {"use_low_precision", "enable_pdl", "enable_rank_mask", "active_rank_mask"}),
         (MoeAlltoAll.combine, COMBINE_METHOD, {"use_low_precision", "active_rank_mask"}),
         (MoeAlltoAll.__init__, INIT, set()),
         (MoeAlltoAll.dispatch, DISPATCH_METHOD, set()),
-        (fusedcomm.moe_a2a_dispatch, None, {"eplb_local_stats", "active_rank_mask"}),
+        (fusedcomm.moe_a2a_dispatch, None,
+         {"eplb_local_stats", "enable_rank_mask", "active_rank_mask"}),
     ],
 )  # fmt: skip
 def test_positional_order_of_the_reference(fn, positional, keyword):
@@ -434,6 +435,27 @@ def test_active_rank_masks_are_checked_and_reach_the_launch(fake):
         fusedcomm.moe_a2a_combine(*combine, active_rank_mask=3)
     fusedcomm.moe_a2a_combine(*combine, active_rank_mask=2)
     assert list(fake.combine[1]) == [2]
+
+
+def test_the_reference_call_form_with_enable_rank_mask_runs(fake):
+    # The reference's MoeAlltoAll (and engines calling the free functions) pass
+    # enable_rank_mask= by keyword to dispatch and combine.
+    ws, metainfo = _register(rank=1)
+    experts, hidden = _inputs(4, 2)
+    args = (experts, [hidden], ws, metainfo, M, 1, W, 2, EXPERTS)
+    mask = fusedcomm.moe_a2a_active_rank_mask([1], W)
+    _, offset = fusedcomm.moe_a2a_dispatch(
+        *args, eplb_local_stats=None, enable_rank_mask=True, active_rank_mask=mask
+    )
+    assert list(fake.args[0]) == [2]
+    combine = (_payload(), 4, ws, metainfo, M, 1, W, 2, offset)
+    fusedcomm.moe_a2a_combine(*combine, enable_rank_mask=True, active_rank_mask=mask)
+    assert list(fake.combine[1]) == [2]
+    _, offset = fusedcomm.moe_a2a_dispatch(*args, enable_rank_mask=False, active_rank_mask=None)
+    assert fake.args[0] is None
+    combine = (_payload(), 4, ws, metainfo, M, 1, W, 2, offset)
+    fusedcomm.moe_a2a_combine(*combine, use_low_precision=False, enable_pdl=None,
+                              enable_rank_mask=False, active_rank_mask=None)  # fmt: skip
 
 
 def test_active_rank_mask_helper():

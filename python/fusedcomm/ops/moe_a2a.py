@@ -174,6 +174,7 @@ def moe_a2a_dispatch(
     *,
     check_expert_ids: bool = False,
     eplb_local_stats: torch.Tensor | None = None,
+    enable_rank_mask: bool = False,
     active_rank_mask: Any = None,
     _owner: Any = None,
 ) -> tuple[list[torch.Tensor], int]:
@@ -208,7 +209,8 @@ def moe_a2a_dispatch(
     (their recv counts read 0; their EPLB rows are stale). Every rank of the round must pass
     the same mask (a rank of the round with another one fails it on every rank) and repeat it
     in the combine; a rank that comes back needs the workspace re-initialised on every rank
-    first. ``eplb_local_stats``: int32 ``[n]``
+    first. ``enable_rank_mask``: accepted for the reference's call form; masks work either way.
+    ``eplb_local_stats``: int32 ``[n]``
     (``n`` at most the ``eplb_stats_num_experts`` of initialisation) on the workspace's device;
     every rank's lands in row ``rank`` of every rank's EPLB region during the dispatch
     (:func:`moe_a2a_eplb_gathered_stats`); the return value stays the 2-tuple. The next :func:`moe_a2a_combine` on this workspace must repeat
@@ -228,6 +230,7 @@ def moe_a2a_dispatch(
             enable_pdl,
             check_expert_ids=check_expert_ids,
             eplb_local_stats=eplb_local_stats,
+            enable_rank_mask=enable_rank_mask,
             active_rank_mask=active_rank_mask,
             _owner=_owner,
         )
@@ -391,6 +394,7 @@ def moe_a2a_combine(
     *,
     use_low_precision: bool = False,
     enable_pdl: bool | None = None,
+    enable_rank_mask: bool = False,
     active_rank_mask: Any = None,
     _owner: Any = None,
 ) -> torch.Tensor:
@@ -441,7 +445,8 @@ def moe_a2a_combine(
     ``reference.moe_a2a.combine_low_precision_reference`` gives the exact bits). Every rank of
     a round must pass the same ``use_low_precision`` (a rank that differs fails the round on
     every rank). Not combined with quantised outputs. ``active_rank_mask``: the dispatch's (as
-    in :func:`moe_a2a_dispatch`; another mask raises :class:`MoeA2ACheckError`).
+    in :func:`moe_a2a_dispatch`; another mask raises :class:`MoeA2ACheckError`);
+    ``enable_rank_mask`` as there.
     """
     if tracing():
         return _untraced_moe_a2a_combine(
@@ -462,6 +467,7 @@ def moe_a2a_combine(
             output,
             use_low_precision=use_low_precision,
             enable_pdl=enable_pdl,
+            enable_rank_mask=enable_rank_mask,
             active_rank_mask=active_rank_mask,
             _owner=_owner,
         )
