@@ -83,9 +83,11 @@ def _rank_matrix(rank, world, dtype, seed):
                         if w != rank and topo.of(w)[1] == topo.dp_rank:
                             f.check(torch.equal(every[w], every[rank]),
                                     f"{what}: ranks {rank} and {w} differ")  # fmt: skip
-            # A fresh output (x_out None) on a non-power-of-two size, the fused modes.
+            # A fresh output (x_out None) on a non-power-of-two size, the fused modes. Inputs
+            # differ per mode: a fresh output could otherwise reuse the freed block of the
+            # previous mode's reference, which holds the very values expected.
             for mode in [m for m in modes if m in FUSED]:
-                xs = _inputs(seed + 77, world, 5 * dp, dtype, tp)
+                xs = _inputs(seed + 77 + int(mode), world, 5 * dp, dtype, tp)
                 want = mixed_comm_reference(op, xs, topo.of)[rank]
                 got = run_mixed_comm(op, h, xs[rank], mode=mode)
                 f.check(torch.equal(_bits(got), _bits(want)), f"{op.name} {mode.name}: fresh")
