@@ -14,6 +14,7 @@ import fusedcomm as comm
 from fusedcomm.enums import AllReduceFusionOp as F
 from fusedcomm.enums import AllReduceStrategyConfig as C
 from fusedcomm.enums import AllReduceStrategyType as S
+from fusedcomm.enums import LamportTokenNumThreshold
 from fusedcomm.reference.legacy import custom_all_reduce_reference
 from fusedcomm.testing.dist import barrier, gather_all, run_ranks, same_on_every_rank
 
@@ -113,7 +114,7 @@ def _check(what, x, out, inter, n, op, epi, eps, dtype):
 def _rank_matrix(rank, world, dtype):
     max_tokens, max_hidden = 128, 4096
     ws = _workspace(world, rank, max_tokens, max_hidden)
-    lamport_bytes = world * comm.LamportTokenNumThreshold * world * max_hidden * 2
+    lamport_bytes = world * LamportTokenNumThreshold * world * max_hidden * 2
     gen = torch.Generator(device="cuda").manual_seed(1000 + rank)
     shared = torch.Generator(device="cuda").manual_seed(7)
     flag, lamport_flag, i = 1, 1, 0
