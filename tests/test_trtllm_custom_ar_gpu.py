@@ -237,7 +237,8 @@ def _rank_graph(rank, world):
         torch.cuda.synchronize()
         _check(f"replay {step}", small, out_s, inter, 8, F.RESIDUAL_RMS_NORM, epi, 1e-5, dtype)
         _check(f"replay {step}", large, out_l, None, 64, F.NONE, {}, 1e-5, dtype)
-    out_s.fill_(float("nan"))
+    for t in (out_s, inter):
+        t.fill_(float("nan"))
     calls(3 + step)  # eager calls after the replays continue the same device state
     _check("eager after replays", small, out_s, inter, 8, F.RESIDUAL_RMS_NORM, epi, 1e-5, dtype)
     del graph
