@@ -12,11 +12,10 @@ import fusedcomm as comm
 from fusedcomm import mnnvl
 from fusedcomm import trtllm_mnnvl_ar as ar
 from fusedcomm.enums import AllReduceFusionPattern as P
-from fusedcomm.runtime import lamport
 from fusedcomm.ops import mnnvl_allreduce as mnnvl_ops
 from fusedcomm.reference import compute_fp4_swizzled_layout_sf_size
+from fusedcomm.runtime import lamport, peer_memory
 from fusedcomm.runtime import mnnvl_workspace as mw
-from fusedcomm.runtime import peer_memory
 from fusion_fakes import BF16, FakeBackend, dev  # noqa: F401 - dev is a fixture
 
 S, Q = ar.MNNVLAllreduceFusionStrategy, ar.MNNVLQuantType
