@@ -209,11 +209,13 @@ def _rank_quant(rank, world):
         use = {S.AUTO: None, S.ONESHOT: True, S.TWOSHOT: False}[s]
         out = comm.allreduce_fusion(x, ws, P.kAllReduce, use_oneshot=use)
         _check_sum(f, f"{what} unified 0", out, xs)
-        norm = comm.allreduce_fusion(
-            x, ws, P.kARResidualRMSNorm, residual_in=residual, rms_gamma=gamma, rms_eps=eps,
-            use_oneshot=use, launch_with_pdl=True,
+        norm, res = _poisoned((n, d), dtype), _poisoned((n, d), dtype)
+        ret = comm.allreduce_fusion(
+            x, ws, P.kARResidualRMSNorm, residual_out=res, norm_out=norm, residual_in=residual,
+            rms_gamma=gamma, rms_eps=eps, use_oneshot=use, launch_with_pdl=True,
         )  # fmt: skip
-        f.check(norm.shape == x.shape, f"{what} unified 1: shape")
+        f.check(ret is norm, f"{what} unified 1: returns norm_out")
+        _check_norm(f, f"{what} unified 1", norm, res, xs, residual, gamma, eps)
         q = torch.empty(n, d, dtype=torch.float8_e4m3fn, device="cuda")
         sc, res = _poisoned((n, 1), torch.float32), _poisoned((n, d), dtype)
         ret = comm.allreduce_fusion(

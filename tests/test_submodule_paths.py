@@ -18,6 +18,7 @@ SUBMODULE_ONLY = {
         "is_multicast_supported",
     },
     "trtllm_mnnvl_ar": {"MNNVL_ONE_SHOT_THRESHOLD"},
+    "trtllm_ar": {"LamportTokenNumThreshold", "MAX_ALL_REDUCE_BLOCKS"},
 }
 
 
@@ -37,5 +38,7 @@ def test_engine_style_imports():
     assert MnnvlConfig().comm_backend is None
     assert callable(trtllm_allreduce_fusion) and callable(moe_a2a_dispatch)
     assert AllReduceFusionPattern.kARResidualRMSNorm == 1
+    # the legacy sizing constant, where the reference's own custom all-reduce test reads it
+    assert fusedcomm.trtllm_ar.LamportTokenNumThreshold == 16
     assert MoeAlltoAll.get_moe_workspace_size_per_rank(2, 8, 16, 64) > 0
     assert TorchDistBackend is fusedcomm.TorchDistBackend

@@ -14,6 +14,7 @@ import fusedcomm as comm
 from fusedcomm.enums import AllReduceFusionOp as F
 from fusedcomm.enums import AllReduceStrategyConfig as C
 from fusedcomm.enums import AllReduceStrategyType as S
+from fusedcomm.enums import LamportTokenNumThreshold
 from fusedcomm.reference.legacy import custom_all_reduce_reference
 from fusedcomm.testing.dist import barrier, gather_all, run_ranks, same_on_every_rank
 
@@ -113,7 +114,7 @@ def _check(what, x, out, inter, n, op, epi, eps, dtype):
 def _rank_matrix(rank, world, dtype):
     max_tokens, max_hidden = 128, 4096
     ws = _workspace(world, rank, max_tokens, max_hidden)
-    lamport_bytes = world * comm.LamportTokenNumThreshold * world * max_hidden * 2
+    lamport_bytes = world * LamportTokenNumThreshold * world * max_hidden * 2
     gen = torch.Generator(device="cuda").manual_seed(1000 + rank)
     shared = torch.Generator(device="cuda").manual_seed(7)
     flag, lamport_flag, i = 1, 1, 0
@@ -236,7 +237,8 @@ def _rank_graph(rank, world):
         torch.cuda.synchronize()
         _check(f"replay {step}", small, out_s, inter, 8, F.RESIDUAL_RMS_NORM, epi, 1e-5, dtype)
         _check(f"replay {step}", large, out_l, None, 64, F.NONE, {}, 1e-5, dtype)
-    out_s.fill_(float("nan"))
+    for t in (out_s, inter):
+        t.fill_(float("nan"))
     calls(3 + step)  # eager calls after the replays continue the same device state
     _check("eager after replays", small, out_s, inter, 8, F.RESIDUAL_RMS_NORM, epi, 1e-5, dtype)
     del graph

@@ -23,6 +23,7 @@ from . import (
     trtllm_moe_allreduce_fusion,
     trtllm_moe_finalize_allreduce_fusion,
 )
+from .enums import MAX_ALL_REDUCE_BLOCKS, LamportTokenNumThreshold  # the legacy sizing constants
 
 __all__ = [
     "MAX_COMM_SIZE",
@@ -31,6 +32,8 @@ __all__ = [
     "AllReduceStrategyConfig",
     "AllReduceStrategyType",
     "BarrierFlagCount",
+    "LamportTokenNumThreshold",
+    "MAX_ALL_REDUCE_BLOCKS",
     "OneShotMaxToken",
     "QuantizationSFLayout",
     "compute_fp4_swizzled_layout_sf_size",
