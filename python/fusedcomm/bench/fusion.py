@@ -19,7 +19,7 @@ import torch.distributed as dist
 from ..enums import AllReduceFusionPattern as P
 from ..ops.allreduce_fusion import allreduce_fusion
 from .timing import capture, time_graph, time_loop
-from .workspace import lamport_workspace, mnnvl_workspace
+from .workspace import lamport_workspace
 
 HIDDEN = 4096
 TOKENS = (1, 8, 64, 256, 1024, 4096, 8192)
@@ -50,7 +50,9 @@ def _timed(fn, iters: int) -> tuple[float, float]:
 def bench_rank(rank: int, world: int, tokens=TOKENS, hidden: int = HIDDEN) -> list[dict]:
     dtype = torch.bfloat16
     ws = lamport_workspace(rank, world, max(tokens), hidden, dtype)
-    mws = mnnvl_workspace(rank, world, max(tokens), hidden, dtype)  # AUTO: the 1 MiB rule
+    mws = lamport_workspace(
+        rank, world, max(tokens), hidden, dtype, "mnnvl"
+    )  # AUTO: the 1 MiB rule
     gen = torch.Generator(device="cuda").manual_seed(7 + rank)
     rows = []
     try:

@@ -8,23 +8,13 @@ from ..runtime.comm_backend import TorchDistBackend
 from ..runtime.fusion_workspace import create_allreduce_fusion_workspace
 
 
-def lamport_workspace(rank: int, world: int, max_tokens: int, hidden: int, dtype: torch.dtype):
-    """A Lamport ("trtllm") fusion workspace over the default process group."""
+def lamport_workspace(
+    rank: int, world: int, max_tokens: int, hidden: int, dtype: torch.dtype, backend="trtllm"
+):
+    """A fusion workspace over the default process group: "trtllm" (CUDA IPC buffers) or
+    "mnnvl" (the same kernels over peer-mapped rows)."""
     return create_allreduce_fusion_workspace(
-        backend="trtllm",
-        world_size=world,
-        rank=rank,
-        max_token_num=max_tokens,
-        hidden_dim=hidden,
-        dtype=dtype,
-        comm_backend=TorchDistBackend(),
-    )
-
-
-def mnnvl_workspace(rank: int, world: int, max_tokens: int, hidden: int, dtype: torch.dtype):
-    """An MNNVL workspace (the same kernels over peer-mapped rows) over the default group."""
-    return create_allreduce_fusion_workspace(
-        backend="mnnvl",
+        backend=backend,
         world_size=world,
         rank=rank,
         max_token_num=max_tokens,
